@@ -1,0 +1,23 @@
+"""Installs what One More Step needs and the WebUI lacks (run by the WebUI's launcher unless --skip-install).
+
+The WebUI (A1111 1.6–1.10, Forge, reForge) already ships safetensors, transformers and open-clip-torch: normally
+nothing is installed. A missing package is installed with a lower bound only, so no pin of the WebUI is changed.
+"""
+
+import launch
+
+# (distribution name, lowest version the extension works with)
+REQUIREMENTS = (
+    ("safetensors", "0.3.1"),
+    ("transformers", "4.30.2"),
+    ("open-clip-torch", "2.20.0"),
+)
+
+
+def missing() -> list[str]:
+    return [f"{name}>={version}" for name, version in REQUIREMENTS if not launch.is_installed(name)]
+
+
+if not getattr(launch.args, "skip_install", False):
+    for requirement in missing():
+        launch.run_pip(f'install "{requirement}"', f"{requirement} for One More Step")

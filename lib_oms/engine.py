@@ -1,0 +1,90 @@
+"""The corrected start latent for a batch: text encoding, the OMS network call, the step and the hand-over."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .errors import TextEncoderError
+from .step import SOLVERS, SamplerStart, ddim_step, guided_v, predicted_x0, sde_step, to_sampler_noise
+
+# z is drawn from the image's seed shifted by this offset, so it never equals the seed's own start noise.
+Z_SEED_OFFSET = 0x4F4D53  # "OMS"
+
+
+def check_options(cfg: float, solver: str) -> None:
+    """Reject out-of-range user options before any work is done."""
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or not 0.0 <= cfg <= 30.0:
+        raise ValueError(f"OMS CFG must be a number from 0 to 30, got {cfg!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"OMS solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+
+
+def seeded_unit_noise(seeds: Sequence[int], shape: Sequence[int], offset: int = Z_SEED_OFFSET) -> torch.Tensor:
+    """One unit Gaussian tensor of ``shape`` per seed, from a CPU generator seeded with ``seed + offset``.
+
+    Each image's noise depends on its own seed only, so a batch equals the same images made one by one.
+    """
+    draws = []
+    for seed in seeds:
+        generator = torch.Generator("cpu").manual_seed((int(seed) + offset) % 2**63)
+        draws.append(torch.randn(tuple(shape), generator=generator))
+    return torch.stack(draws)
+
+
+def _as_list(prompts: str | Sequence[str], batch_size: int, what: str) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts] * batch_size
+    prompts = list(prompts)
+    if len(prompts) != batch_size:
+        raise ValueError(f"got {len(prompts)} {what} for a batch of {batch_size} images")
+    return prompts
+
+
+@torch.no_grad()
+def predict_v(module, encoder, x_T_prime: torch.Tensor, prompts: Sequence[str], negative_prompts: Sequence[str],
+              cfg: float) -> torch.Tensor:
+    """The guided OMS prediction v for unit noise ``x_T_prime``; at CFG 1 the unconditional pass is not computed."""
+    device, dtype = module.device, module.dtype
+    x = x_T_prime.to(device, dtype)
+    cond = encoder.encode(list(prompts)).to(device, dtype)
+    if cfg == 1.0:
+        return module.unet(x, cond).float()
+    uncond = encoder.encode(list(negative_prompts)).to(device, dtype)
+    v_uncond, v_cond = module.unet(torch.cat([x, x]), torch.cat([uncond, cond])).float().chunk(2)
+    return guided_v(v_uncond, v_cond, cfg)
+
+
+def oms_start(module, encoder, noise: torch.Tensor, prompts: str | Sequence[str], *, start: SamplerStart,
+              cfg: float = 1.0, negative_prompt: str | Sequence[str] = "", solver: str = "sde",
+              z: torch.Tensor | None = None) -> torch.Tensor:
+    """The noise tensor to hand the sampler instead of ``noise`` so that it starts from the OMS-corrected latent.
+
+    ``noise`` is the unit Gaussian the sampler would have used ([B, C, h, w]); it is the OMS input x_T'. ``prompts``
+    holds one prompt per image (or one for all); ``z`` is the fresh unit noise of the SDE solver, one per image and
+    derived from each image's seed by the caller. Returns a tensor of ``noise``'s shape, dtype and device.
+    """
+    check_options(cfg, solver)
+    if noise.dim() != 4:
+        raise ValueError(f"noise must be [batch, channels, height, width], got shape {tuple(noise.shape)}")
+    batch, channels = noise.shape[:2]
+    if channels != module.config["in_channels"]:
+        raise ValueError(f"the OMS module {module.name} takes {module.config['in_channels']}-channel latents, "
+                         f"this model's latents have {channels}")
+    if encoder.kind != module.text_encoder:
+        raise TextEncoderError(f"the OMS module {module.name} needs a {module.text_encoder} text encoder, "
+                               f"got {encoder.kind}: choose the text encoder that matches the module")
+    if solver == "sde" and (z is None or z.shape != noise.shape):
+        raise ValueError(f"the SDE solver needs fresh noise z of shape {tuple(noise.shape)}")
+    prompts = _as_list(prompts, batch, "prompts")
+    negative_prompts = _as_list(negative_prompt, batch, "negative prompts")
+
+    v = predict_v(module, encoder, noise, prompts, negative_prompts, cfg).to(noise.device)
+    x0_hat = predicted_x0(v)
+    if solver == "sde":
+        x_T = sde_step(x0_hat, start.alpha_bar0, z.to(noise.device, torch.float32))
+    else:
+        x_T = ddim_step(x0_hat, start.alpha_bar0, noise.float())
+    return to_sampler_noise(x_T, start).to(noise.dtype)

@@ -1,0 +1,626 @@
+"""Text encoders the OMS module is conditioned on, built offline from weights the user already has.
+
+- `OpenCLIPTextEncoder`: OpenCLIP ViT-H/14 text tower, SD2 style (the released OMS-B modules, 1024-d). The official
+  pipeline runs `text_encoder(input_ids)[0]` on the 23-block SD2.x diffusers `text_encoder`: the output of block 23
+  of 24 followed by the final layer norm, 77 tokens padded with id 0, no attention mask.
+- `MixClipTextEncoder`: SDXL's CLIP-L and OpenCLIP bigG penultimate hidden states (no final layer norm),
+  concatenated to 2048-d, as the official `SDXLTextEncoder` does for the "mixclip" module.
+
+Both run a transformers `CLIPTextModel` built from an architecture written here (`TowerSpec`), so nothing is
+downloaded. Weights come from transformers files (`text_model.*`), open_clip checkpoints, SD2.x / SDXL checkpoints
+or an in-memory state dict; only the text-encoder tensors of a checkpoint are read.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .errors import TextEncoderError
+
+MAX_LENGTH = 77
+BOS_ID = 49406  # <start_of_text>
+EOS_ID = 49407  # <end_of_text>
+OPENCLIP_PAD_ID = 0  # SD2's tokenizer and SDXL's tokenizer_2 pad with "!" (id 0)
+CLIP_L_PAD_ID = EOS_ID  # openai/clip-vit-large-patch14 (SD1, SDXL's first tokenizer) pads with <|endoftext|>
+
+LAYERS = ("penultimate", "last")
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """Architecture of a CLIP text tower: what the `CLIPTextConfig` is built from and the weights are checked against.
+
+    `layers` counts the blocks of the complete tower; sources one block short (SD2.x diffusers `text_encoder`,
+    which drops the unused last block) are accepted where the last block is not needed.
+    """
+
+    name: str
+    width: int
+    layers: int
+    heads: int
+    intermediate: int
+    hidden_act: str
+    vocab_size: int = 49408
+    max_positions: int = MAX_LENGTH
+    layer_norm_eps: float = 1e-5
+
+
+OPENCLIP_VIT_H14 = TowerSpec("OpenCLIP ViT-H/14", width=1024, layers=24, heads=16, intermediate=4096, hidden_act="gelu")
+CLIP_VIT_L14 = TowerSpec("CLIP ViT-L/14", width=768, layers=12, heads=12, intermediate=3072, hidden_act="quick_gelu")
+OPENCLIP_VIT_BIGG14 = TowerSpec(
+    "OpenCLIP ViT-bigG/14", width=1280, layers=32, heads=20, intermediate=5120, hidden_act="gelu"
+)
+
+_KNOWN_WIDTHS = {
+    768: "CLIP ViT-L/14 (SD1.x, SDXL's first encoder)",
+    1024: "OpenCLIP ViT-H/14 (SD2.x)",
+    1280: "OpenCLIP ViT-bigG/14 (SDXL's second encoder)",
+}
+_OPENCLIP_H_HINT = (
+    "The released OMS-B modules need an OpenCLIP ViT-H/14 text encoder: use the `text_encoder` folder of "
+    "stabilityai/stable-diffusion-2-1 (config.json + model.safetensors), an open_clip ViT-H-14 .safetensors "
+    "checkpoint, or any SD2.x .safetensors checkpoint."
+)
+_MIXCLIP_HINT = (
+    "The SDXL mixclip module needs SDXL's own CLIP-L and OpenCLIP bigG text encoders: use an SDXL .safetensors "
+    "checkpoint or the diffusers SDXL folder (text_encoder/ and text_encoder_2/)."
+)
+_PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+
+
+class TextEncoder(Protocol):
+    """What the OMS engine needs from a text encoder."""
+
+    kind: str
+    width: int
+    max_length: int
+
+    def encode(self, prompts: list[str]) -> torch.Tensor: ...
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+@cache
+def _bpe():
+    """open_clip's CLIP BPE tokenizer; its vocabulary ships inside the open_clip package."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def tokenize(prompts: list[str], *, pad_id: int, max_length: int = MAX_LENGTH) -> torch.Tensor:
+    """CLIP token ids [B, max_length]: BOS, the prompt, EOS, then `pad_id`.
+
+    Longer prompts are cut to `max_length` with EOS kept last (open_clip's `tokenize` and transformers'
+    `truncation=True` agree on this); there is no chunking, as in the official OMS pipeline.
+    """
+    bpe = _bpe()
+    ids = torch.full((len(prompts), max_length), pad_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens = [BOS_ID, *bpe.encode(prompt)][: max_length - 1] + [EOS_ID]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# open_clip -> transformers key conversion
+
+_OPENCLIP_TOP_LEVEL = {
+    "token_embedding.weight": "embeddings.token_embedding.weight",
+    "positional_embedding": "embeddings.position_embedding.weight",
+    "ln_final.weight": "final_layer_norm.weight",
+    "ln_final.bias": "final_layer_norm.bias",
+}
+_OPENCLIP_BLOCK_PARTS = {
+    "ln_1.": "layer_norm1.",
+    "ln_2.": "layer_norm2.",
+    "attn.out_proj.": "self_attn.out_proj.",
+    "mlp.c_fc.": "mlp.fc1.",
+    "mlp.c_proj.": "mlp.fc2.",
+}
+# Tensors beside the text tower that the OMS text features never use.
+_OPENCLIP_UNUSED = ("text_projection", "logit_scale", "logit_bias", "attn_mask", "visual.")
+_TRANSFORMERS_UNUSED = (
+    "embeddings.position_ids",
+    "text_projection.",
+    "visual_projection.",
+    "vision_model.",
+    "logit_scale",
+)
+_BLOCK_INDEX = re.compile(r"^(?:transformer\.resblocks|encoder\.layers)\.(\d+)\.")
+
+
+def _openclip_to_bare_transformers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """open_clip text-tower names -> `CLIPTextModel` names without the `text_model.` prefix.
+
+    The fused attention input projection is split into q, k, v (its rows are stacked in that order). Unused tensors
+    (projection, logit scale, vision tower) are dropped; unknown names are kept, so that a strict load names them.
+    """
+    converted = {}
+    for name, tensor in state_dict.items():
+        if name.startswith(_OPENCLIP_UNUSED):
+            continue
+        if name in _OPENCLIP_TOP_LEVEL:
+            converted[_OPENCLIP_TOP_LEVEL[name]] = tensor
+            continue
+        block = re.match(r"transformer\.resblocks\.(\d+)\.(.+)$", name)
+        if block is None:
+            converted[name] = tensor
+            continue
+        layer, part = f"encoder.layers.{block[1]}.", block[2]
+        if part in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            suffix = "weight" if part.endswith("weight") else "bias"
+            for projection, chunk in zip("qkv", tensor.chunk(3, dim=0), strict=True):
+                converted[f"{layer}self_attn.{projection}_proj.{suffix}"] = chunk
+            continue
+        old = next((old for old in _OPENCLIP_BLOCK_PARTS if part.startswith(old)), None)
+        converted[layer + _OPENCLIP_BLOCK_PARTS[old] + part[len(old) :] if old else name] = tensor
+    return converted
+
+
+def openclip_to_transformers(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Convert an open_clip text tower's state dict to transformers `CLIPTextModel` file names (`text_model.*`).
+
+    Only tensors whose name starts with `prefix` are read (e.g. `cond_stage_model.model.` in an SD2.x checkpoint);
+    `in_proj_weight/bias` is split into q/k/v, `mlp.c_fc`/`c_proj` -> `fc1`/`fc2`, `ln_1`/`ln_2` -> `layer_norm1/2`,
+    `ln_final` -> `final_layer_norm`; `text_projection`, `logit_scale` and `visual.*` are dropped.
+    """
+    own = {name[len(prefix) :]: tensor for name, tensor in state_dict.items() if name.startswith(prefix)}
+    return {"text_model." + name: tensor for name, tensor in _openclip_to_bare_transformers(own).items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading weights without loading whole checkpoints
+
+
+@dataclass
+class _Tensors:
+    """Names and shapes of a source's tensors, known without reading them; `read(names)` loads only those."""
+
+    name: str
+    shapes: dict[str, tuple[int, ...]]
+    read: Callable[[list[str]], dict[str, torch.Tensor]]
+
+
+def _state_dict_tensors(state_dict: Mapping[str, torch.Tensor]) -> _Tensors:
+    shapes = {name: tuple(tensor.shape) for name, tensor in state_dict.items() if isinstance(tensor, torch.Tensor)}
+    return _Tensors("the in-memory state dict", shapes, lambda names: {name: state_dict[name] for name in names})
+
+
+def _safetensors_files(name: str, files: dict[str, Path]) -> _Tensors:
+    """Tensors of one or more .safetensors files; `files` maps a name prefix to each file."""
+    from safetensors import safe_open
+
+    shapes, location = {}, {}
+    for prefix, path in files.items():
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    shapes[prefix + key] = tuple(handle.get_slice(key).get_shape())
+                    location[prefix + key] = (path, key)
+        except Exception as error:  # safetensors raises its own error types, which differ between versions
+            raise TextEncoderError(
+                f"{path} cannot be read as a .safetensors file ({error}); it may be truncated or corrupt: "
+                "download it again."
+            ) from error
+
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for path in dict.fromkeys(location[n][0] for n in names):
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                tensors.update({n: handle.get_tensor(location[n][1]) for n in names if location[n][0] == path})
+        return tensors
+
+    return _Tensors(name, shapes, read)
+
+
+def _check_weights_file(path: Path) -> None:
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise TextEncoderError(
+            f"{path} is a pickle file, which can run code when loaded: it is refused. "
+            "Use the .safetensors version of the same weights."
+        )
+    if path.suffix.lower() != ".safetensors":
+        raise TextEncoderError(f"{path} is not a .safetensors file: give a .safetensors file or a folder holding one.")
+
+
+def _folder_weights(folder: Path, prefer_fp16: bool) -> dict[str, Path]:
+    """The weights of a transformers text-encoder folder, or of a diffusers pipeline folder's text encoders."""
+    names = ["model.fp16.safetensors", "model.safetensors"]
+    if not prefer_fp16:
+        names.reverse()
+    files = {}
+    for sub, prefix in (("", ""), ("text_encoder", "text_encoder."), ("text_encoder_2", "text_encoder_2.")):
+        found = next((folder / sub / n for n in names if (folder / sub / n).is_file()), None)
+        if found is not None:
+            files[prefix] = found
+            if not sub:
+                break
+    if files:
+        return files
+    pickles = sorted(p for p in (*folder.glob("*"), *folder.glob("*/*")) if p.suffix.lower() in _PICKLE_SUFFIXES)
+    if pickles:
+        _check_weights_file(pickles[0])
+    raise TextEncoderError(
+        f"{folder} holds no model.safetensors (nor text_encoder/model.safetensors): "
+        "give a text-encoder folder with config.json and model.safetensors, or a .safetensors file."
+    )
+
+
+def _open_source(source, prefer_fp16: bool) -> _Tensors:
+    if isinstance(source, Mapping):
+        return _state_dict_tensors(source)
+    path = Path(source)
+    if path.is_dir():
+        return _safetensors_files(str(path), _folder_weights(path, prefer_fp16))
+    if not path.exists():
+        raise TextEncoderError(f"{path} does not exist: check the path of the text-encoder weights.")
+    _check_weights_file(path)
+    return _safetensors_files(str(path), {"": path})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding and checking a text tower
+
+
+@dataclass(frozen=True)
+class _Tower:
+    """A text tower found in a source: its layout ("open_clip" or "transformers"), name prefix, width, depth."""
+
+    layout: str
+    prefix: str
+    width: int
+    blocks: int
+
+
+_HF_TOKENS = "embeddings.token_embedding.weight"
+_OC_TOKENS = "token_embedding.weight"
+
+
+def _find_towers(shapes: Mapping[str, tuple[int, ...]]) -> list[_Tower]:
+    """Every CLIP text tower in a source, recognised from its token embedding."""
+    towers = []
+    for name, shape in shapes.items():
+        if len(shape) != 2:
+            continue
+        if name.endswith(_HF_TOKENS):
+            layout, prefix, blocks_at = "transformers", name.removesuffix(_HF_TOKENS), "encoder.layers."
+        elif name.endswith(_OC_TOKENS) and name.removesuffix(_OC_TOKENS) + "positional_embedding" in shapes:
+            layout, prefix, blocks_at = "open_clip", name.removesuffix(_OC_TOKENS), "transformer.resblocks."
+        else:
+            continue
+        indices = {int(m[1]) for n in shapes if (m := re.match(re.escape(prefix + blocks_at) + r"(\d+)\.", n))}
+        towers.append(_Tower(layout, prefix, shape[1], max(indices, default=-1) + 1))
+    return sorted(towers, key=lambda tower: tower.prefix)
+
+
+def _describe_width(width: int) -> str:
+    return f"a {width}-wide text encoder" + (f" ({_KNOWN_WIDTHS[width]})" if width in _KNOWN_WIDTHS else "")
+
+
+def _pick_tower(towers: list[_Tower], spec: TowerSpec, source_name: str, hint: str) -> _Tower:
+    for tower in towers:
+        if tower.width == spec.width:
+            return tower
+    if not towers:
+        raise TextEncoderError(f"{source_name} holds no CLIP text encoder. {hint}")
+    found = ", ".join(f"{_describe_width(t.width)} at '{t.prefix}'" for t in towers)
+    raise TextEncoderError(
+        f"{source_name} holds {found}, not the {spec.width}-wide {spec.name} text encoder needed. {hint}"
+    )
+
+
+def _blocks_to_use(tower: _Tower, spec: TowerSpec, drop_last: bool, source_name: str) -> int:
+    """How many blocks to build: the complete tower, or all but the last when only the penultimate output is needed.
+
+    A source one block short is taken as already cut (SD2.x diffusers `text_encoder`: 23 of ViT-H's 24 blocks).
+    """
+    if tower.blocks == spec.layers or (drop_last and tower.blocks == spec.layers - 1):
+        return spec.layers - 1 if drop_last else spec.layers
+    if tower.blocks == spec.layers - 1:
+        raise TextEncoderError(
+            f"{source_name} holds {spec.name} with {tower.blocks} blocks: its last block was dropped (as in the "
+            f"SD2.x diffusers text_encoder), so layer='last' cannot be computed. Use layer='penultimate', or give "
+            f"weights with all {spec.layers} blocks (an open_clip checkpoint or an SD2.x .safetensors checkpoint)."
+        )
+    raise TextEncoderError(
+        f"{source_name} holds a {spec.width}-wide text encoder with {tower.blocks} blocks at '{tower.prefix}'; "
+        f"{spec.name} has {spec.layers} (or {spec.layers - 1} in a diffusers export): use the matching weights."
+    )
+
+
+def _tower_names(shapes: Mapping[str, tuple[int, ...]], tower: _Tower, blocks: int) -> list[str]:
+    """Names of the tower's tensors that the model uses: no blocks past `blocks`, no projection or vision tower."""
+    names = []
+    for name in shapes:
+        if not name.startswith(tower.prefix):
+            continue
+        local = name[len(tower.prefix) :]
+        index = _BLOCK_INDEX.match(local)
+        if (index is not None and int(index[1]) >= blocks) or (
+            tower.layout == "transformers" and local.startswith(_TRANSFORMERS_UNUSED)
+        ):
+            continue
+        names.append(name)
+    return names
+
+
+def _bare_state(tensors: Mapping[str, torch.Tensor], tower: _Tower) -> dict[str, torch.Tensor]:
+    """The tower's tensors under bare `CLIPTextModel` names (no prefix, no `text_model.`)."""
+    local = {name[len(tower.prefix) :]: tensor for name, tensor in tensors.items()}
+    return _openclip_to_bare_transformers(local) if tower.layout == "open_clip" else local
+
+
+def clip_text_config(spec: TowerSpec, blocks: int, pad_id: int = OPENCLIP_PAD_ID):
+    """The transformers `CLIPTextConfig` of `spec` with `blocks` blocks (built here: nothing is downloaded)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.width,
+        intermediate_size=spec.intermediate,
+        projection_dim=spec.width,
+        num_hidden_layers=blocks,
+        num_attention_heads=spec.heads,
+        max_position_embeddings=spec.max_positions,
+        hidden_act=spec.hidden_act,
+        layer_norm_eps=spec.layer_norm_eps,
+        pad_token_id=pad_id,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+
+
+def _new_text_model(spec: TowerSpec, blocks: int, pad_id: int):
+    """An empty (meta-device) transformers `CLIPTextModel` for `spec` with `blocks` blocks, causal as CLIP."""
+    from transformers import CLIPTextModel
+
+    with torch.device("meta"):
+        return CLIPTextModel(clip_text_config(spec, blocks, pad_id))
+
+
+def _bare_names(model) -> dict[str, str]:
+    """Bare name -> the model's own state-dict name (transformers < 5 prefixes `text_model.`, 5.x does not)."""
+    names = {}
+    for name in model.state_dict():
+        bare = name.removeprefix("text_model.")
+        if bare != "embeddings.position_ids":  # a buffer, saved only by older transformers: rebuilt below
+            names[bare] = name
+    return names
+
+
+def _check_names(have: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor], source_name: str, tower: _Tower):
+    missing = [name for name in want if name not in have]
+    if missing:
+        raise TextEncoderError(
+            f"{source_name} lacks text-encoder weight '{missing[0]}' (transformers naming; tower at "
+            f"'{tower.prefix}', {len(missing)} missing): the file is incomplete or of another architecture; "
+            "use complete weights."
+        )
+    unexpected = [name for name in have if name not in want]
+    if unexpected:
+        raise TextEncoderError(
+            f"{source_name} has unexpected text-encoder weight '{unexpected[0]}' (tower at '{tower.prefix}'): "
+            "it is not a plain CLIP text tower of this architecture; use the matching weights."
+        )
+    for name, tensor in want.items():
+        if tuple(have[name].shape) != tuple(tensor.shape):
+            raise TextEncoderError(
+                f"{source_name}: text-encoder weight '{name}' has shape {tuple(have[name].shape)}, expected "
+                f"{tuple(tensor.shape)}: the weights belong to another architecture; use the matching weights."
+            )
+
+
+def _load_text_model(
+    tensors: _Tensors, tower: _Tower, spec: TowerSpec, blocks: int, pad_id: int, device, dtype: torch.dtype
+):
+    """Build the `CLIPTextModel` for `tower`, check every name and shape first, then read only its tensors."""
+    model = _new_text_model(spec, blocks, pad_id)
+    model_names = _bare_names(model)
+    own_state = model.state_dict()
+    names = _tower_names(tensors.shapes, tower, blocks)
+    as_meta = {name: torch.empty(tensors.shapes[name], device="meta") for name in names}
+    want = {bare: own_state[name] for bare, name in model_names.items()}
+    _check_names(_bare_state(as_meta, tower), want, tensors.name, tower)
+
+    state = _bare_state(tensors.read(names), tower)
+    # A copy even when device and dtype match: the WebUI patches its own weights in place (LoRA).
+    weights = {model_names[bare]: t.to(device=device, dtype=dtype, copy=True) for bare, t in state.items()}
+    model.load_state_dict(weights, strict=False, assign=True)
+    embeddings = getattr(model, "text_model", model).embeddings
+    embeddings.position_ids = torch.arange(spec.max_positions, device=device).expand(1, -1)
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoders
+
+
+class _Encoder:
+    """Device, dtype and moving, shared by the encoders (their models are eval, without gradients)."""
+
+    max_length = MAX_LENGTH
+
+    def _models(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._models()[0].parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self._models()[0].parameters()).dtype
+
+    def to(self, device=None, dtype: torch.dtype | None = None):
+        """Move the weights (e.g. to the GPU for the step and back in low-VRAM mode); returns self."""
+        for model in self._models():
+            model.to(device=device, dtype=dtype)
+        return self
+
+
+class OpenCLIPTextEncoder(_Encoder):
+    """OpenCLIP ViT-H/14 text features, SD2 style: [B, 77, 1024] for the released OMS-B modules.
+
+    `model` is a transformers `CLIPTextModel` already cut to the chosen layer: 23 blocks for "penultimate"
+    (== SD2.x conditioning and the diffusers `text_encoder`'s `last_hidden_state`), 24 for "last"; the final
+    layer norm is applied in both cases. Tokens: 77, padded with id 0, no attention mask (as the official code).
+    """
+
+    kind = "openclip-h"
+
+    def __init__(self, model, *, layer: str = "penultimate", source: str = ""):
+        self.model = model
+        self.layer = layer
+        self.source = source
+        self.width = model.config.hidden_size
+
+    def _models(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        ids = tokenize(list(prompts), pad_id=OPENCLIP_PAD_ID).to(self.device)
+        return self.model(input_ids=ids).last_hidden_state
+
+
+class MixClipTextEncoder(_Encoder):
+    """SDXL "mixclip" features: CLIP-L and OpenCLIP bigG penultimate hidden states, concatenated: [B, 77, 2048].
+
+    Both models are built without their last block, so their last hidden state before the final layer norm is the
+    full tower's `hidden_states[-2]` (the official `SDXLTextEncoder`; the final layer norm is not applied).
+    CLIP-L tokens are padded with EOS, bigG tokens with id 0, as SDXL's two tokenizers do.
+    """
+
+    kind = "sdxl-mixclip"
+
+    def __init__(self, clip_l, clip_g, *, source: str = ""):
+        self.clip_l = clip_l
+        self.clip_g = clip_g
+        self.source = source
+        self.width = clip_l.config.hidden_size + clip_g.config.hidden_size
+
+    def _models(self) -> list[torch.nn.Module]:
+        return [self.clip_l, self.clip_g]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        prompts = list(prompts)
+        features = []
+        for model, pad_id in ((self.clip_l, CLIP_L_PAD_ID), (self.clip_g, OPENCLIP_PAD_ID)):
+            ids = tokenize(prompts, pad_id=pad_id).to(self.device)
+            features.append(model(input_ids=ids, output_hidden_states=True).hidden_states[-1])
+        return torch.cat(features, dim=-1)
+
+
+def load_openclip_text_encoder(
+    source,
+    *,
+    layer: str = "penultimate",
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    spec: TowerSpec = OPENCLIP_VIT_H14,
+) -> OpenCLIPTextEncoder:
+    """Load the OpenCLIP ViT-H/14 text encoder from whatever holds it; the format is detected from tensor names.
+
+    `source`: a transformers `CLIPTextModel` folder (an SD2.x diffusers `text_encoder`, or the pipeline folder
+    holding it), a lone .safetensors with `text_model.*` names, an open_clip ViT-H-14 .safetensors checkpoint, an
+    SD2.x .safetensors checkpoint (only `cond_stage_model.model.*` is read), or an in-memory state dict in either
+    naming (the WebUI's `cond_stage_model.model.state_dict()`; its tensors are copied). `spec` is the architecture
+    (tests pass tiny ones). Raises `TextEncoderError` before reading any weight if the source does not fit.
+    """
+    if layer not in LAYERS:
+        raise TextEncoderError(f"Unknown text-encoder layer {layer!r}: choose one of {', '.join(LAYERS)}.")
+    tensors = _open_source(source, prefer_fp16=dtype == torch.float16)
+    tower = _pick_tower(_find_towers(tensors.shapes), spec, tensors.name, _OPENCLIP_H_HINT)
+    blocks = _blocks_to_use(tower, spec, drop_last=layer == "penultimate", source_name=tensors.name)
+    model = _load_text_model(tensors, tower, spec, blocks, OPENCLIP_PAD_ID, device, dtype)
+    return OpenCLIPTextEncoder(model, layer=layer, source=tensors.name)
+
+
+def load_mixclip_text_encoder(
+    source,
+    *,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    specs: tuple[TowerSpec, TowerSpec] = (CLIP_VIT_L14, OPENCLIP_VIT_BIGG14),
+) -> MixClipTextEncoder:
+    """Load SDXL's two text encoders for the "mixclip" module, without their unused last blocks.
+
+    `source`: an SDXL .safetensors checkpoint (only `conditioner.embedders.0.transformer.*` and
+    `conditioner.embedders.1.model.*` are read), the diffusers SDXL folder (`text_encoder/`, `text_encoder_2/`),
+    or an in-memory state dict with the checkpoint's names. `specs`: CLIP-L's and bigG's architectures.
+    """
+    tensors = _open_source(source, prefer_fp16=dtype == torch.float16)
+    towers = _find_towers(tensors.shapes)
+    models = []
+    for spec, pad_id in zip(specs, (CLIP_L_PAD_ID, OPENCLIP_PAD_ID), strict=True):
+        tower = _pick_tower(towers, spec, tensors.name, _MIXCLIP_HINT)
+        blocks = _blocks_to_use(tower, spec, drop_last=True, source_name=tensors.name)
+        models.append(_load_text_model(tensors, tower, spec, blocks, pad_id, device, dtype))
+    return MixClipTextEncoder(*models, source=tensors.name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt cache
+
+
+class PromptEmbeddingCache:
+    """Least-recently-used cache of per-prompt features in front of an encoder (same `encode` interface).
+
+    Entries are keyed by the prompt and the encoder's device and dtype; the misses of a call are encoded together
+    in one batch.
+    """
+
+    def __init__(self, encoder: TextEncoder, maxsize: int = 64):
+        self.encoder = encoder
+        self.maxsize = maxsize
+        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    @property
+    def kind(self) -> str:
+        return self.encoder.kind
+
+    @property
+    def width(self) -> int:
+        return self.encoder.width
+
+    @property
+    def max_length(self) -> int:
+        return self.encoder.max_length
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _key(self, prompt: str) -> tuple:
+        return prompt, str(self.encoder.device), self.encoder.dtype
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Features [B, 77, width] for `prompts`, in their order."""
+        found = {}
+        for prompt in prompts:
+            key = self._key(prompt)
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                found[prompt] = self._entries[key]
+        misses = [prompt for prompt in dict.fromkeys(prompts) if prompt not in found]
+        if misses:
+            for prompt, features in zip(misses, self.encoder.encode(misses), strict=True):
+                found[prompt] = features.clone()  # a row of its own, so the batch can be freed
+                self._entries[self._key(prompt)] = found[prompt]
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+        return torch.stack([found[prompt] for prompt in prompts])
+
+    def clear(self) -> None:
+        self._entries.clear()

@@ -1,0 +1,81 @@
+"""The WebUI glue on a GPU: fp16 module under autocast, keep in VRAM / offload, low VRAM (skipped without CUDA)."""
+
+import pytest
+import torch
+
+import tests.test_script as ts
+from tests import webui_fakes
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return ts.write_models(tmp_path_factory.mktemp("models"))
+
+
+def gpu_webui(monkeypatch, models, **opts):
+    webui = ts.make_webui(monkeypatch, models, opts=opts)
+    devices = webui.modules["devices"]
+    devices.device = CUDA
+    devices.get_device_for = lambda task: CUDA
+    devices.dtype_unet = torch.float16
+    webui.modules["rng"].randn_local = lambda seed, shape: webui_fakes.randn_local(seed, shape).to(CUDA)
+    monkeypatch.setattr(webui_fakes.ImageRNG, "next", lambda self: torch.stack(
+        [torch.randn(self.shape, generator=g) for g in self.generators]).to(CUDA))
+    monkeypatch.setattr(ts, "SHARED_MODULES", ts.ModuleCache())
+    monkeypatch.setattr(webui.script_module, "MODULE_CACHE", ts.SHARED_MODULES)
+    return webui
+
+
+def sampler():
+    return webui_fakes.KDiffusionSampler(sigmas=torch.tensor([webui_fakes.SIGMA_MAX, 1.0, 0.0], device=CUDA))
+
+
+def run(webui, p, args):
+    with torch.autocast("cuda", dtype=torch.float16):  # the WebUI samples inside devices.autocast()
+        return webui.run(p, args)[0]
+
+
+def test_fp16_on_gpu_matches_fp32_cpu(monkeypatch, models):
+    cpu = ts.make_webui(monkeypatch, models).run(ts.txt2img(seeds=[5, 6]), ts.ON)[0]
+    webui = gpu_webui(monkeypatch, models)
+    p = ts.txt2img(sampler(), seeds=[5, 6])
+    out = run(webui, p, ts.ON)
+    assert out.device.type == "cuda" and out.dtype == torch.float32 and webui.errors == []
+    module = webui.script_module.MODULE_CACHE.get(models / "oms_tiny_15_21", CUDA, torch.float16)
+    assert module.dtype == torch.float16 and module.device.type == "cuda"  # kept in VRAM by default
+    err = (out.cpu() - cpu).abs().max().item()
+    print("max |gpu fp16 - cpu fp32| =", err)
+    assert err < 0.05
+    singles = torch.cat([run(webui, ts.txt2img(sampler(), seeds=[s]), ts.ON) for s in (5, 6)])
+    print("batch vs singles:", (singles - out).abs().max().item())
+    assert torch.allclose(singles, out, atol=1e-2)
+    assert torch.equal(out, run(webui, ts.txt2img(sampler(), seeds=[5, 6]), ts.ON))
+
+
+def test_disabled_untouched_on_gpu(monkeypatch, models):
+    webui = gpu_webui(monkeypatch, models)
+    p = ts.txt2img(sampler(), seeds=[3])
+    out = run(webui, p, ts.OFF)
+    assert torch.equal(out, (ts.unit_noise([3]).to(CUDA)) * p.sampler.sigmas[0]) and p.extra_generation_params == {}
+
+
+@pytest.mark.parametrize("low_vram, keep", [(True, True), (False, False)])
+def test_offload(monkeypatch, models, low_vram, keep):
+    webui = gpu_webui(monkeypatch, models, oms_keep_in_vram=keep)
+    model = webui_fakes.FakeSDModel()
+    model.lowvram = low_vram
+    run(webui, ts.txt2img(sampler(), sd_model=model), ts.ON)
+    (key, (_, module)), = webui.script_module.MODULE_CACHE._entries.items()
+    assert module.device.type == "cpu" and module.dtype == torch.float16
+    assert webui.modules["devices"].gc_calls and webui.modules["lowvram"].calls == ([1] if low_vram else [])
+    print("after offload, cuda memory allocated:", torch.cuda.memory_allocated())
+
+
+def test_fp32_setting(monkeypatch, models):
+    webui = gpu_webui(monkeypatch, models, oms_precision="fp32")
+    run(webui, ts.txt2img(sampler()), ts.ON)
+    (_, (_, module)), = webui.script_module.MODULE_CACHE._entries.items()
+    assert module.dtype == torch.float32 and module.device.type == "cuda"

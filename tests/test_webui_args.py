@@ -1,0 +1,149 @@
+"""The extension's arguments: one definition, API parsing and validation, infotext that pastes back."""
+
+import json
+import re
+from dataclasses import fields
+
+import pytest
+
+from lib_oms.webui_args import (
+    ARGS,
+    AUTOMATIC,
+    INFOTEXT_SKIPPED,
+    ArgumentError,
+    OMSArgs,
+    from_dict,
+    infotext_keys,
+    infotext_params,
+    module_label,
+    module_name,
+    parse_script_args,
+    paste_value,
+)
+
+# The WebUI's infotext key/value regex (infotext_utils.re_param_code, webui.md §5).
+RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def to_infotext(params: dict) -> str:
+    """What the WebUI writes: "k: v" joined by ", ", values with , : or newline JSON-quoted (infotext_utils.quote)."""
+    def quote(value):
+        text = str(value)
+        return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+    return ", ".join(f"{key}: {quote(value)}" for key, value in params.items())
+
+
+def from_infotext(line: str) -> dict:
+    """What the WebUI reads back (parse_generation_parameters for the last line)."""
+    result = {}
+    for key, value in RE_PARAM.findall(line):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = json.loads(value)
+        result[key] = value
+    return result
+
+
+def test_one_definition_in_ui_order():
+    assert [arg.name for arg in ARGS] == [f.name for f in fields(OMSArgs)]
+    assert [arg.name for arg in ARGS] == ["enabled", "module", "prompt", "negative_prompt", "cfg", "solver"]
+    assert OMSArgs() == OMSArgs(**{arg.name: arg.default for arg in ARGS})
+    assert ARGS[0].default is False  # the API runs every always-on script: the default must be off
+
+
+def test_infotext_keys_parse_back():
+    for key in infotext_keys():
+        assert re.fullmatch(r"\w[\w \-/]+", key), key
+    assert INFOTEXT_SKIPPED in infotext_keys()
+    axes = [arg.axis for arg in ARGS if arg.axis]
+    assert len(set(axes)) == len(axes) and all(axis.startswith("[OMS]") for axis in axes)
+
+
+def test_positional_args_with_defaults_for_missing_trailing_ones():
+    assert parse_script_args([True, "oms_b_openclip_15_21", "a dark cave", "", 1.5, "DDIM"]) == OMSArgs(
+        True, "oms_b_openclip_15_21", "a dark cave", "", 1.5, "DDIM")
+    assert parse_script_args([True]) == OMSArgs(enabled=True)
+    assert parse_script_args([]) == OMSArgs()
+
+
+def test_dict_form_and_values_after_it_ignored():
+    args = parse_script_args([{"enabled": True, "cfg": 2, "solver": "ddim", "module": "automatic"}, "x", "", "", 9.0])
+    assert args == OMSArgs(enabled=True, cfg=2.0, solver="DDIM", module=AUTOMATIC)
+    assert args.engine_solver == "ddim"
+
+
+@pytest.mark.parametrize("values, field", [
+    ({"cfg": "strong"}, "cfg"),
+    ({"cfg": 11}, "cfg"),
+    ({"cfg": -0.5}, "cfg"),
+    ({"cfg": float("nan")}, "cfg"),
+    ({"cfg": True}, "cfg"),
+    ({"enabled": "maybe"}, "enabled"),
+    ({"enabled": 2}, "enabled"),
+    ({"solver": "euler"}, "solver"),
+    ({"module": ""}, "module"),
+    ({"module": 3}, "module"),
+    ({"prompt": ["a"]}, "prompt"),
+    ({"guidance": 1.5}, "guidance"),
+])
+def test_bad_values_name_the_field(values, field):
+    with pytest.raises(ArgumentError, match=f"'{field}'"):
+        parse_script_args([values])
+
+
+def test_positional_errors():
+    with pytest.raises(ArgumentError, match="at most 6"):
+        parse_script_args([True, AUTOMATIC, "", "", 1.0, "SDE", "extra"])
+    with pytest.raises(ArgumentError, match="'cfg'"):
+        parse_script_args([True, AUTOMATIC, "", "", "x"])
+    with pytest.raises(ArgumentError, match="must come first"):
+        parse_script_args([True, {"cfg": 1.0}])
+
+
+def test_lenient_but_exact_conversions():
+    args = parse_script_args([{"enabled": "true", "cfg": " 1.25 ", "negative_prompt": None, "solver": " SDE"}])
+    assert args == OMSArgs(enabled=True, cfg=1.25, negative_prompt="", solver="SDE")
+    assert from_dict({"enabled": 0}).enabled is False
+
+
+def test_module_label_round_trip():
+    assert module_label("oms_b_openclip_15_21", "0123456789") == "oms_b_openclip_15_21 [0123456789]"
+    assert module_name("oms_b_openclip_15_21 [0123456789]") == "oms_b_openclip_15_21"
+    assert module_name("my [module] v2") == "my [module] v2"  # brackets without a hex hash are part of the name
+    assert parse_script_args([{"module": "x [abcdef0123]"}]).module == "x"
+
+
+@pytest.mark.parametrize("args", [
+    OMSArgs(enabled=True),
+    OMSArgs(True, "oms_b_openclip_xl", 'a "dark", moody: cave\nat night', "bright, white", 2.5, "DDIM"),
+])
+def test_infotext_round_trip(args):
+    params = infotext_params(args, module_label(args.module, "0123456789"))
+    line = "Steps: 20, Sampler: Euler, " + to_infotext(params) + ", Version: v1.10.1"
+    parsed = from_infotext(line)
+    assert {arg.name: paste_value(arg, parsed) for arg in ARGS} == {
+        f.name: getattr(args, f.name) for f in fields(OMSArgs)}
+
+
+def test_infotext_only_what_was_set():
+    params = infotext_params(OMSArgs(enabled=True), "m [0123456789]")
+    assert params == {"OMS": True, "OMS module": "m [0123456789]", "OMS CFG": 1.0, "OMS solver": "SDE"}
+
+
+def test_paste_without_oms_turns_it_off_and_leaves_the_rest():
+    parsed = from_infotext("Steps: 20, Sampler: Euler, CFG scale: 7")
+    values = {arg.name: paste_value(arg, parsed) for arg in ARGS}
+    assert values == {"enabled": False, "module": None, "prompt": None, "negative_prompt": None, "cfg": None,
+                      "solver": None}
+
+
+def test_paste_of_a_skipped_generation_does_not_enable():
+    parsed = from_infotext(to_infotext({INFOTEXT_SKIPPED: "img2img starts from the input image"}))
+    assert paste_value(ARGS[0], parsed) is False
+
+
+def test_unreadable_pasted_value_is_left_alone():
+    parsed = from_infotext("OMS: True, OMS CFG: lots, OMS solver: Euler")
+    values = {arg.name: paste_value(arg, parsed) for arg in ARGS}
+    assert values["enabled"] is True and values["cfg"] is None and values["solver"] is None
+    assert values["prompt"] == ""

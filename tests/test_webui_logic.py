@@ -1,0 +1,266 @@
+"""Plain-value decisions of the WebUI glue: skip rules, sampler starts, prompts, module and text-encoder choice."""
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lib_oms.errors import ModuleFileError, TextEncoderError
+from lib_oms.step import K_DIFFUSION as STEP_K_DIFFUSION
+from lib_oms.step import SamplerStart, skip_reason, to_sampler_noise
+from lib_oms.webui_logic import (
+    INPAINT_FILL_LATENT_NOISE,
+    INPAINT_FILL_LATENT_NOTHING,
+    K_DIFFUSION,
+    TIMESTEP,
+    EncoderSource,
+    Job,
+    choose_module,
+    clean_prompt,
+    huggingface_hub_dir,
+    img2img_start,
+    inpaint_noise,
+    job_skip_reason,
+    model_skip_reason,
+    module_dtype,
+    offload_after_use,
+    oms_prompts,
+    resolve_text_encoder,
+    txt2img_start,
+    untouched_passes,
+    unwrap_hijacked_keys,
+)
+
+
+def sd_alphas_cumprod() -> torch.Tensor:
+    """SD1/SD2/SDXL: scaled-linear betas 0.00085 → 0.012 over 1000 steps (webui.md §2.3)."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def ddim_timesteps(steps: int) -> torch.Tensor:
+    """CompVisSampler.get_timesteps (webui.md §2.2)."""
+    return torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("a photo of a cat", "a photo of a cat"),
+    ("a [b:3]", "a"),
+    ("a [b: 3] c", "a c"),
+    ("a [b:.5] c", "a c"),
+    ("a [b : c : 1] d", "a b d"),
+    ("a [b:c:0] d", "a c d"),
+    ("a[b:[c:d:2]:1]e", "abe"),
+    ("[(a:2):3]", ""),
+    ("[in foreground::0.6] x", "in foreground x"),
+    ("[a|(b:1.1)]", "a"),
+    ("[fe|]male", "female"),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).", "a house on a hill, sun, sky."),
+    ("<lora:dark:0.8> a dark <hypernet:x:1>alley", "a dark alley"),
+    ("cat BREAK dog", "cat dog"),
+    ("a cat AND a dog :1.2", "a cat, a dog"),
+    (r"\(literal\) \[x\]", "(literal) [x]"),
+    ("a (unbalanced", "a unbalanced"),
+    ("style: photo | raw", "style: photo | raw"),
+    ("(a:b)", "a:b"),
+])
+def test_clean_prompt_reads_the_first_step(prompt, expected):
+    assert clean_prompt(prompt, steps=10) == expected
+
+
+def test_prompt_editing_fraction_counts_steps():
+    assert clean_prompt("[day:night:0.01]", steps=20) == "night"  # switches at int(0.2) = step 0
+    assert clean_prompt("[day:night:0.1]", steps=20) == "day"  # switches after step 2
+
+
+def test_oms_prompts_per_image_or_the_oms_prompt():
+    assert oms_prompts("", ["(dark) cave", "[snow|ice] field"], 20) == ["dark cave", "snow field"]
+    assert oms_prompts("  <lora:x:1> (night:1.3) ", ["a", "b"], 20) == ["night", "night"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where OMS applies
+
+def test_model_skip_reasons():
+    assert model_skip_reason("sd1", 4) is None and model_skip_reason("sd2", 4) is None
+    assert model_skip_reason("sdxl", 4) is None
+    assert "refiner" in model_skip_reason("sdxl-refiner", 4)
+    assert "sd3" in model_skip_reason("sd3", 16)
+    assert "latent space" in model_skip_reason("KModel", 16)
+    assert "16 channels" in model_skip_reason("sd1", 16)
+
+
+INPAINT = dict(mode="img2img", inpainting=True, inpainting_fill=INPAINT_FILL_LATENT_NOTHING, denoising_strength=1.0)
+
+
+@pytest.mark.parametrize("job, applies", [
+    (Job("txt2img"), True),
+    (Job("txt2img", hires=True, refiner=True), True),
+    (Job("txt2img", firstpass_image=True), False),
+    (Job("txt2img", noise_schedule="Zero Terminal SNR"), False),
+    (Job(**INPAINT), True),
+    (Job(**{**INPAINT, "inpainting_fill": INPAINT_FILL_LATENT_NOISE}), True),
+    (Job(**{**INPAINT, "inpainting_fill": 1}), False),
+    (Job(**{**INPAINT, "inpainting_fill": 0}), False),
+    (Job(**{**INPAINT, "denoising_strength": 0.99}), False),
+    (Job(**{**INPAINT, "inpainting": False}), False),
+    (Job(**{**INPAINT, "initial_noise_multiplier": 1.05}), False),
+    (Job(**{**INPAINT, "extra_noise": 0.1}), False),
+])
+def test_job_skip_rules(job, applies):
+    reason = job_skip_reason(job)
+    assert (reason is None) == applies
+    assert reason is None or len(reason) > 20  # a reason a user can act on
+
+
+def test_untouched_passes_are_named():
+    assert untouched_passes(Job("txt2img", hires=True, refiner=True)) == ["hires fix second pass", "refiner"]
+    assert untouched_passes(Job("txt2img")) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampler starts
+
+@pytest.mark.parametrize("sigma0", [14.614642, 11.03, 10.0, 4518.76])  # default, "DDIM" scheduler, sigma max, ZTSNR
+@pytest.mark.parametrize("sgm", [False, True])
+def test_k_diffusion_start_reads_the_first_sigma(sigma0, sgm):
+    start = txt2img_start(K_DIFFUSION, "sample_euler", sigmas=torch.tensor([sigma0, 1.0, 0.0]),
+                          sgm_noise_multiplier=sgm)
+    assert start == SamplerStart.k_diffusion(float(torch.tensor(sigma0)), sgm)
+    assert math.isclose(start.alpha_bar0, 1 / (1 + sigma0**2), rel_tol=1e-6)
+    assert (skip_reason(start) is not None) == (sigma0 > 1000)
+
+
+@pytest.mark.parametrize("steps, t_first", [(4, 751), (10, 901), (20, 951), (30, 991), (50, 981)])
+def test_ddim_and_plms_start_at_their_first_timestep(steps, t_first):
+    alphas = sd_alphas_cumprod()
+    for name in ("ddim", "ddim_cfgpp", "plms"):
+        start = txt2img_start(TIMESTEP, name, timesteps=ddim_timesteps(steps), alphas_cumprod=alphas)
+        assert start.family == "timestep" and start.alpha_bar0 == pytest.approx(float(alphas[t_first]))
+
+
+def test_unipc_starts_at_999():
+    alphas = sd_alphas_cumprod()
+    start = txt2img_start(TIMESTEP, "unipc", timesteps=ddim_timesteps(20), alphas_cumprod=alphas)
+    assert start.alpha_bar0 == pytest.approx(float(alphas[999])) == pytest.approx(0.0046601, rel=1e-4)
+
+
+def test_unknown_sampler_kind():
+    with pytest.raises(ValueError):
+        txt2img_start("flow", "x")
+
+
+def test_img2img_start_is_the_noising_level():
+    sigmas = torch.tensor([14.6, 7.0, 3.0, 0.0])
+    assert img2img_start(K_DIFFUSION, steps=3, t_enc=2, sigmas=sigmas) == SamplerStart.k_diffusion(float(sigmas[0]))
+    alphas = sd_alphas_cumprod()
+    start = img2img_start(TIMESTEP, steps=20, t_enc=19, timesteps=ddim_timesteps(20), alphas_cumprod=alphas)
+    assert start.family == STEP_K_DIFFUSION and not start.sgm_noise_multiplier
+    assert start.alpha_bar0 == pytest.approx(float(alphas[951]))
+
+
+@pytest.mark.parametrize("fill", ["latent nothing", "latent noise"])
+def test_inpaint_noise_starts_the_mask_at_the_oms_latent(fill):
+    generator = torch.Generator().manual_seed(0)
+    noise, x_ve, image = (torch.randn(2, 4, 6, 6, generator=generator) for _ in range(3))
+    nmask = torch.zeros(4, 6, 6)
+    nmask[:, 1:4, 2:5] = 1
+    inside = nmask.bool().expand(2, -1, -1, -1)
+    fill_value = torch.zeros_like(image) if fill == "latent nothing" else torch.randn(2, 4, 6, 6, generator=generator)
+    init = image * (1 - nmask) + fill_value * nmask  # what the WebUI's img2img init() makes
+    start = SamplerStart.k_diffusion(14.6)
+    oms_noise = to_sampler_noise(x_ve / math.sqrt(1 + 14.6**2), start)  # x_VE / σ₀
+    out = inpaint_noise(oms_noise, noise, init, nmask, start.sigma0)
+    started = init + start.sigma0 * out  # k-diffusion sample_img2img: xi = x + noise·σ₀
+    assert torch.allclose(started[inside], x_ve[inside], atol=1e-4)
+    assert torch.equal(out[~inside], noise[~inside])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules and text encoders
+
+def entries(*specs):
+    return [SimpleNamespace(name=name, path=Path(name), space=space) for name, space in specs]
+
+
+def test_choose_module():
+    found = entries(("oms_xl", "sdxl"), ("oms_sd_a", "sd"), ("oms_sd_b", "sd"))
+    space = lambda e: e.space  # noqa: E731
+    assert choose_module("Automatic", found, "sd", "Automatic", space, []).name == "oms_sd_a"
+    assert choose_module("Automatic", found, "sd", "oms_sd_b", space, []).name == "oms_sd_b"
+    assert choose_module("Automatic", found, "sd", "oms_xl", space, []).name == "oms_sd_a"  # wrong-space default
+    assert choose_module("oms_xl", found, "sd", "Automatic", space, []).name == "oms_xl"  # checked by the caller
+    with pytest.raises(ModuleFileError, match="'nope' was not found in /m"):
+        choose_module("nope", found, "sd", "Automatic", space, [Path("/m")])
+    with pytest.raises(ModuleFileError, match="h1t/oms_b_openclip_xl"):
+        choose_module("Automatic", found[1:], "sdxl", "Automatic", space, [Path("/m")])
+
+
+def make_encoder_folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(b"x")
+    return path
+
+
+def test_text_encoder_search_order(tmp_path):
+    models, hub = tmp_path / "models" / "oms", tmp_path / "hub"
+    models.mkdir(parents=True)
+    find = lambda family="sd1", setting="": resolve_text_encoder(  # noqa: E731
+        "openclip-h", family, setting_path=setting, module_dirs=[models], hub_dir=hub)
+    with pytest.raises(TextEncoderError, match="stabilityai/stable-diffusion-2-1"):
+        find()
+    snapshot = hub / "models--stabilityai--stable-diffusion-2-1" / "snapshots" / "abc"
+    cached = make_encoder_folder(snapshot / "text_encoder")
+    assert find() == EncoderSource("file", cached)
+    (models / "sd21_text_encoder.bin").write_bytes(b"pickle")  # never loaded
+    assert find() == EncoderSource("file", cached)
+    lone = models / "sd21_text_encoder.safetensors"
+    lone.write_bytes(b"x")
+    assert find() == EncoderSource("file", lone)
+    folder = make_encoder_folder(models / "text_encoder")
+    assert find() == EncoderSource("file", folder)
+    setting = make_encoder_folder(tmp_path / "elsewhere")
+    assert find(setting=str(setting)) == EncoderSource("file", setting)
+    assert find(family="sd2", setting=str(setting)) == EncoderSource("checkpoint")
+    with pytest.raises(TextEncoderError, match="Settings"):
+        find(setting=str(tmp_path / "typo"))
+
+
+def test_mixclip_and_unknown_encoders():
+    args = dict(setting_path="", module_dirs=[], hub_dir=Path("/nonexistent"))
+    assert resolve_text_encoder("sdxl-mixclip", "sdxl", **args) == EncoderSource("checkpoint")
+    with pytest.raises(TextEncoderError, match="SDXL"):
+        resolve_text_encoder("sdxl-mixclip", "sd1", **args)
+    with pytest.raises(TextEncoderError, match="t5"):
+        resolve_text_encoder("t5", "sd1", **args)
+
+
+def test_huggingface_hub_dir():
+    assert huggingface_hub_dir({"HF_HUB_CACHE": "/a", "HF_HOME": "/b"}) == Path("/a")
+    assert huggingface_hub_dir({"HF_HOME": "/b"}) == Path("/b/hub")
+    assert huggingface_hub_dir({}) == Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def test_unwrap_hijacked_keys():
+    live = {"token_embedding.wrapped.weight": 1, "conditioner.embedders.0.wrapped.transformer.text_model.x": 2,
+            "wrapped.a": 3, "unwrapped.b": 4}
+    assert unwrap_hijacked_keys(live) == {"token_embedding.weight": 1, "a": 3, "unwrapped.b": 4,
+                                          "conditioner.embedders.0.transformer.text_model.x": 2}
+
+
+def test_precision_and_offload():
+    assert module_dtype("Automatic", "cuda", webui_full_precision=False) == torch.float16
+    assert module_dtype("Automatic", "cuda", webui_full_precision=True) == torch.float32
+    assert module_dtype("fp16", "cuda", webui_full_precision=True) == torch.float16
+    assert module_dtype("fp32", "cuda", webui_full_precision=False) == torch.float32
+    assert module_dtype("fp16", "cpu", webui_full_precision=False) == torch.float32
+    assert offload_after_use(keep_in_vram=True, low_vram=True, device_type="cuda")
+    assert offload_after_use(keep_in_vram=False, low_vram=False, device_type="cuda")
+    assert not offload_after_use(keep_in_vram=True, low_vram=False, device_type="cuda")
+    assert not offload_after_use(keep_in_vram=False, low_vram=True, device_type="cpu")

@@ -1,0 +1,69 @@
+"""Integration tests against a running AUTOMATIC1111 WebUI with this extension installed.
+
+Skipped unless SD_WEBUI_URL names the server (e.g. http://127.0.0.1:7860; the full UI, not --nowebui, because the
+X/Y/Z axes are added before the UI is built). The server needs an SD1 checkpoint, an OMS module for the SD latent space
+in models/oms/ (SD_WEBUI_OMS_MODULE, default oms_b_openclip_15_21) and the OpenCLIP ViT-H/14 text encoder it reads
+(models/oms/text_encoder/). Random weights are fine: the tests compare images and infotext, not what they show.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import webui_api as api
+
+
+def pytest_collection_modifyitems(config, items):
+    if api.BASE_URL:
+        return
+    skip = pytest.mark.skip(reason="SD_WEBUI_URL is not set: no WebUI server to test against")
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def server():
+    """Checks once that the server answers; returns its options."""
+    reply = api.get("/sdapi/v1/options")
+    if reply.status != 200:
+        pytest.fail(f"WebUI at {api.BASE_URL} does not answer /sdapi/v1/options: HTTP {reply.status} "
+                    f"{reply.text[:300]}")
+    return reply.body
+
+
+@pytest.fixture(scope="session")
+def generate(server):
+    """txt2img with memoisation: identical request bodies are sent once per session (a 64x64 image costs seconds
+    on CPU). Pass ``fresh=True`` to force a new request (determinism checks)."""
+    cache: dict[str, api.Generation] = {}
+
+    def run(body: dict, fresh: bool = False) -> api.Generation:
+        key = json.dumps(body, sort_keys=True)
+        if fresh or key not in cache:
+            cache[key] = api.txt2img(body)
+        return cache[key]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def baseline(generate):
+    """The reference image: the base request without any alwayson_scripts entry."""
+    return generate(api.payload())
+
+
+@pytest.fixture(scope="session")
+def oms_on(generate):
+    """The same request with OMS enabled and every other OMS argument at its default."""
+    return generate(api.payload(api.positional_args(enabled=True)))
+
+
+@pytest.fixture(scope="session")
+def script_info(server):
+    reply = api.get("/sdapi/v1/script-info")
+    assert reply.status == 200, reply.text[:500]
+    return reply.body

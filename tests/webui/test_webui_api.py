@@ -1,0 +1,128 @@
+"""txt2img through the WebUI API with One More Step on and off: arguments, infotext, errors, batches."""
+
+from __future__ import annotations
+
+import pytest
+import webui_api as api
+
+
+def test_script_is_listed_with_its_arguments_in_api_order(script_info):
+    entries = [s for s in script_info if s["name"] == api.SCRIPT_TITLE.lower()]
+    assert {s["is_img2img"] for s in entries} == {False, True}, "expected in both txt2img and img2img"
+    for entry in entries:
+        assert entry["is_alwayson"] is True
+        assert tuple(arg["label"] for arg in entry["args"]) == api.ARG_LABELS
+        assert tuple(arg.get("value") for arg in entry["args"]) == api.ARG_DEFAULTS
+    module_arg = entries[0]["args"][api.ARG_NAMES.index("module")]
+    assert api.DEFAULT_MODULE in module_arg["choices"], module_arg
+    solver_arg = entries[0]["args"][api.ARG_NAMES.index("solver")]
+    assert solver_arg["choices"] == ["SDE", "DDIM"]
+
+
+@pytest.mark.parametrize("oms_args", [
+    pytest.param(api.positional_args(), id="positional-defaults"),
+    pytest.param({"enabled": False, "cfg": 3.0, "prompt": "ignored while off"}, id="dict-disabled"),
+])
+def test_disabled_is_bit_identical_to_a_request_without_the_script(generate, baseline, oms_args):
+    off = generate(api.payload(oms_args))
+    assert api.same_pixels(off.images[0], baseline.images[0])
+    assert off.infotexts == baseline.infotexts
+    assert not api.oms_keys(off.extra) and not api.oms_keys(off.params())
+
+
+def test_enabled_changes_the_image_and_writes_its_infotext(baseline, oms_on):
+    assert not api.same_pixels(oms_on.images[0], baseline.images[0])
+    assert api.mean_abs_diff(oms_on.images[0], baseline.images[0]) > 1.0
+    params = oms_on.params()
+    assert params["OMS"] == "True"
+    assert params["OMS module"].startswith(api.DEFAULT_MODULE + " [")  # "name [10-hex-digit file hash]"
+    assert len(params["OMS module"].split("[")[1].rstrip("]")) == 10
+    assert float(params["OMS CFG"]) == 1.0
+    assert params["OMS solver"] == "SDE"
+    # Prompts are written only when given; nothing was skipped in a plain txt2img run.
+    assert not {"OMS prompt", "OMS negative prompt", "OMS skipped"} & set(params)
+    # Everything else in the infotext is the baseline's.
+    assert {k: v for k, v in params.items() if not k.startswith("OMS")} == baseline.params()
+
+
+def test_enabled_is_deterministic(generate, oms_on):
+    again = generate(api.payload(api.positional_args(enabled=True)), fresh=True)
+    assert api.same_pixels(again.images[0], oms_on.images[0])
+    assert again.infotexts == oms_on.infotexts
+
+
+def test_dict_and_positional_arguments_give_the_same_image(generate, oms_on):
+    positional = generate(api.payload(api.positional_args(enabled=True, cfg=3.0)))
+    as_dict = generate(api.payload({"enabled": True, "cfg": 3.0}))
+    assert api.same_pixels(positional.images[0], as_dict.images[0])
+    assert positional.infotexts == as_dict.infotexts
+    assert float(positional.params()["OMS CFG"]) == 3.0
+    assert not api.same_pixels(positional.images[0], oms_on.images[0]), "OMS CFG 3 should differ from 1"
+
+
+def test_prompt_solver_and_module_arguments_reach_the_step(generate, oms_on):
+    made = {
+        "prompt": generate(api.payload({"enabled": True, "prompt": "a bright white snowfield"})),
+        "negative_prompt": generate(api.payload({"enabled": True, "cfg": 3.0, "negative_prompt": "dark"})),
+        "solver": generate(api.payload({"enabled": True, "solver": "DDIM"})),
+        "module": generate(api.payload({"enabled": True, "module": "oms_s_sd15_test"})),
+    }
+    # The negative prompt only matters with OMS CFG != 1: compare it with OMS CFG 3 and no negative prompt.
+    cfg3 = generate(api.payload(api.positional_args(enabled=True, cfg=3.0)))
+    for name, gen in made.items():
+        reference = cfg3 if name == "negative_prompt" else oms_on
+        assert not api.same_pixels(gen.images[0], reference.images[0]), f"changing {name} did not change the image"
+    assert made["prompt"].params()["OMS prompt"] == "a bright white snowfield"
+    assert made["negative_prompt"].params()["OMS negative prompt"] == "dark"
+    assert made["solver"].params()["OMS solver"] == "DDIM"
+    assert made["module"].params()["OMS module"].startswith("oms_s_sd15_test [")
+
+
+def test_infotext_pastes_back_through_the_api(generate, oms_on):
+    """The API's ``infotext`` field fills the script's arguments from the infotext (infotext_fields)."""
+    pasted = generate({key: value for key, value in api.BASE_PAYLOAD.items() if key in ("save_images", "send_images")}
+                      | {"infotext": oms_on.infotexts[0]})
+    assert pasted.params() == oms_on.params()
+    assert api.same_pixels(pasted.images[0], oms_on.images[0])
+
+
+@pytest.mark.parametrize("oms_args, named", [
+    pytest.param({"enabled": True, "cfg": "lots"}, "cfg", id="cfg-not-a-number"),
+    pytest.param(api.positional_args(enabled=True, cfg=99.0), "cfg", id="cfg-out-of-range"),
+    pytest.param({"enabled": True, "solver": "Heun"}, "solver", id="unknown-solver"),
+    pytest.param({"enabled": True, "strength": 2}, "strength", id="unknown-key"),
+    pytest.param({"enabled": True, "module": "no_such_module"}, "no_such_module", id="missing-module"),
+    pytest.param({"enabled": True, "module": "oms_s_openclip_xl_test"}, "sdxl", id="module-of-another-latent-space"),
+    pytest.param({"enabled": "maybe"}, "enabled", id="enabled-not-a-bool"),
+])
+def test_bad_argument_is_an_error_response_naming_the_field(server, oms_args, named):
+    reply = api.request("POST", "/sdapi/v1/txt2img", api.payload(oms_args))
+    assert reply.status >= 400, f"expected an error, got HTTP {reply.status}"
+    assert named.lower() in reply.text.lower(), reply.text[:1000]
+    assert "One More Step".lower() in reply.text.lower() or "OMS" in reply.text, reply.text[:1000]
+
+
+def test_server_still_generates_after_an_error(generate, oms_on):
+    api.request("POST", "/sdapi/v1/txt2img", api.payload({"enabled": True, "cfg": "lots"}))
+    again = generate(api.payload(api.positional_args(enabled=True)), fresh=True)
+    assert api.same_pixels(again.images[0], oms_on.images[0])
+
+
+def test_batch_of_two_equals_two_single_images(generate, oms_on, baseline):
+    seed = api.BASE_PAYLOAD["seed"]
+    batch = generate(api.payload({"enabled": True}, batch_size=2))
+    second = generate(api.payload({"enabled": True}, seed=seed + 1))
+    assert len(batch.images) == 2
+    assert [int(batch.params(i)["Seed"]) for i in range(2)] == [seed, seed + 1]
+    # Batched UNet calls may round differently in the last bit; anything OMS gets wrong per image is far larger.
+    for got, want in ((batch.images[0], oms_on.images[0]), (batch.images[1], second.images[0])):
+        assert api.mean_abs_diff(got, want) < 0.5, api.mean_abs_diff(got, want)
+    assert api.mean_abs_diff(batch.images[0], baseline.images[0]) > 1.0
+    assert all(batch.params(i)["OMS"] == "True" for i in range(2))
+
+
+def test_negative_prompt_is_unused_at_oms_cfg_1(generate, oms_on):
+    """At OMS CFG 1 the unconditional pass is not computed (decision 4): the image is the one without it."""
+    with_negative = generate(api.payload({"enabled": True, "negative_prompt": "dark"}))
+    assert api.same_pixels(with_negative.images[0], oms_on.images[0])
+    assert with_negative.params()["OMS negative prompt"] == "dark"

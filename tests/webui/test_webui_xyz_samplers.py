@@ -1,0 +1,97 @@
+"""X/Y/Z plot axes through the API, and every sampler family with One More Step on."""
+
+from __future__ import annotations
+
+import pytest
+import webui_api as api
+
+XYZ_SCRIPT = "x/y/z plot"
+
+
+def xyz_axis_index(script_info, label: str) -> int:
+    """Index of an axis in the txt2img X/Y/Z plot's axis list (the X type dropdown's choices, as the API sees them)."""
+    entry = next(s for s in script_info if s["name"] == XYZ_SCRIPT and not s["is_img2img"])
+    x_type = next(arg for arg in entry["args"] if arg["label"] == "X type")
+    assert label in x_type["choices"], f"axis {label!r} not offered; axes: {x_type['choices']}"
+    return x_type["choices"].index(label)
+
+
+def xyz_script_args(x_type: int, x_values: str = "", x_dropdown: list | None = None) -> list:
+    """The plot's 18 positional args: X only (Y and Z "Nothing"), no legend, the cells returned beside the grid."""
+    return [x_type, x_values, x_dropdown or [],
+            0, "", [],
+            0, "", [],
+            False,  # draw_legend
+            True,  # include_lone_images
+            False,  # include_sub_grids
+            False,  # no_fixed_seeds
+            False, False, False,  # vary_seeds_x/y/z
+            0,  # margin_size
+            False]  # csv_mode
+
+
+def xyz_cells(generate, oms_args, x_type: int, x_values: str = "", x_dropdown=None) -> api.Generation:
+    body = api.payload(oms_args, script_name=XYZ_SCRIPT, script_args=xyz_script_args(x_type, x_values, x_dropdown))
+    return generate(body)
+
+
+def test_oms_axes_are_offered(script_info):
+    for label in (api.AXIS_CFG, api.AXIS_ENABLED, "[OMS] Module", "[OMS] Prompt", "[OMS] Solver"):
+        xyz_axis_index(script_info, label)
+
+
+def test_xyz_plot_over_oms_cfg(generate, script_info, oms_on):
+    plot = xyz_cells(generate, {"enabled": True}, xyz_axis_index(script_info, api.AXIS_CFG), "1, 3")
+    assert len(plot.all_images) == 3, "expected the grid and two cells"
+    cells = plot.all_images[1:]
+    cell_params = [api.parse_infotext(text) for text in plot.infotexts[1:]]
+    assert [float(p["OMS CFG"]) for p in cell_params] == [1.0, 3.0]
+    assert all(p["OMS"] == "True" for p in cell_params)
+    # Each cell is the image the same request makes with that OMS CFG directly.
+    direct_cfg3 = generate(api.payload(api.positional_args(enabled=True, cfg=3.0)))
+    assert api.same_pixels(cells[0], oms_on.images[0])
+    assert api.same_pixels(cells[1], direct_cfg3.images[0])
+
+
+def test_xyz_plot_over_oms_enabled(generate, script_info, baseline, oms_on):
+    """The Enabled axis turns OMS on and off per cell, whatever the script's own checkbox says."""
+    plot = xyz_cells(generate, [False], xyz_axis_index(script_info, api.AXIS_ENABLED), x_dropdown=["False", "True"])
+    off_cell, on_cell = plot.all_images[1:]
+    assert api.same_pixels(off_cell, baseline.images[0])
+    assert api.same_pixels(on_cell, oms_on.images[0])
+    assert "OMS" not in api.parse_infotext(plot.infotexts[1])
+    assert api.parse_infotext(plot.infotexts[2])["OMS"] == "True"
+
+
+def test_xyz_rejects_a_bad_cfg_value_before_generating(script_info, server):
+    body = api.payload({"enabled": True}, script_name=XYZ_SCRIPT,
+                       script_args=xyz_script_args(xyz_axis_index(script_info, api.AXIS_CFG), "1, 99"))
+    reply = api.request("POST", "/sdapi/v1/txt2img", body)
+    assert reply.status >= 400 and "cfg" in reply.text.lower(), reply.text[:1000]
+
+
+# sampler name, scheduler, steps: one per family (ancestral k-diffusion, multistep k-diffusion with Karras sigmas,
+# the timestep samplers DDIM and UniPC, and LCM). UniPC's default order 3 needs at least 3 steps.
+SAMPLERS = [("Euler a", "Automatic", 2), ("DPM++ 2M", "Karras", 2), ("DDIM", "Automatic", 2), ("UniPC", "Automatic", 3),
+            ("LCM", "Automatic", 2)]
+
+
+@pytest.fixture(scope="module")
+def sampler_names(server):
+    reply = api.get("/sdapi/v1/samplers")
+    assert reply.status == 200
+    return {s["name"] for s in reply.body} | {alias for s in reply.body for alias in s.get("aliases", [])}
+
+
+@pytest.mark.parametrize("sampler, scheduler, steps", SAMPLERS, ids=[s[0] for s in SAMPLERS])
+def test_sampler_runs_with_oms_and_differs_from_off(generate, sampler_names, sampler, scheduler, steps):
+    if sampler not in sampler_names:
+        pytest.skip(f"this WebUI has no {sampler} sampler")
+    fields = {"sampler_name": sampler, "scheduler": scheduler, "steps": steps}
+    off = generate(api.payload(**fields))
+    on = generate(api.payload({"enabled": True}, **fields))
+    params = on.params()
+    assert params["OMS"] == "True" and "OMS skipped" not in params, params
+    assert params["Sampler"] == sampler
+    assert not api.same_pixels(on.images[0], off.images[0])
+    assert api.mean_abs_diff(on.images[0], off.images[0]) > 1.0

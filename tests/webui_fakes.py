@@ -1,0 +1,309 @@
+"""A minimal stand-in for the WebUI's ``modules`` package (and gradio), injected into ``sys.modules``.
+
+Enough of A1111 1.6–1.10 for ``scripts/one_more_step.py`` to be imported and driven as the WebUI drives it:
+``run(...)`` follows ``process_images_inner`` (process → per batch: new ImageRNG, process_batch, first draw, hook,
+sampler scaling) and swallows script errors the way ``ScriptRunner`` does. Samplers scale the start noise exactly
+as webui.md §2.1/§2.2/§2.8 describe, so tests can check the latent a sampler really starts from.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SIGMA_MAX = 14.614642
+
+
+def sd_alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gradio
+
+class Component:
+    def __init__(self, value=None, label=None, **kwargs):
+        self.value, self.label, self.kwargs = value, label, kwargs
+        self.value = kwargs.get("value", value)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def make_gradio():
+    gr = types.ModuleType("gradio")
+    for name in ("Row", "Column", "Group", "Accordion", "Dropdown", "Textbox", "Slider", "Radio", "Checkbox", "HTML"):
+        setattr(gr, name, type(name, (Component,), {}))
+    gr.update = lambda **kwargs: {"__type__": "update", **kwargs}
+    return gr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# modules.*
+
+class Opts:
+    def __init__(self, **data):
+        object.__setattr__(self, "data", dict(data))
+        object.__setattr__(self, "added", {})
+
+    def add_option(self, key, info):
+        self.added[key] = info
+        self.data.setdefault(key, info.default)
+
+    def __getattr__(self, key):
+        try:
+            return self.data[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+class OptionInfo:
+    def __init__(self, default=None, label="", component=None, component_args=None, **kwargs):
+        self.default, self.label, self.component, self.component_args, self.kwargs = (
+            default, label, component, component_args, kwargs)
+
+
+class KDiffusionSampler:
+    """Starts from σ₀·noise, or √(1+σ₀²)·noise with the SGM noise multiplier (webui.md §2.1)."""
+
+    def __init__(self, funcname="sample_euler", sigmas=None):
+        self.funcname = funcname
+        self.sigmas = sigmas if sigmas is not None else torch.tensor([SIGMA_MAX, 7.0, 3.0, 1.0, 0.3, 0.0])
+        self.calls = 0
+
+    def get_sigmas(self, p, steps):
+        self.calls += 1
+        return self.sigmas
+
+    def start(self, p, noise, opts):
+        sigma0 = self.sigmas[0]
+        if p.mode == "img2img":
+            return p.init_latent + noise * sigma0
+        return noise * (torch.sqrt(1 + sigma0**2) if opts.data.get("sgm_noise_multiplier") else sigma0)
+
+
+class CompVisSampler:
+    """DDIM/PLMS/UniPC: the noise is the VP latent itself (webui.md §2.2); img2img noises at timesteps[t_enc]."""
+
+    def __init__(self, funcname, alphas=None):
+        self.funcname = funcname
+        self.model_wrap = types.SimpleNamespace(
+            inner_model=types.SimpleNamespace(alphas_cumprod=alphas if alphas is not None else sd_alphas_cumprod()))
+
+    def get_timesteps(self, p, steps):
+        return torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+
+    def start(self, p, noise, opts):
+        if p.mode == "img2img":
+            steps, t_enc = setup_img2img_steps(p)
+            alpha = self.model_wrap.inner_model.alphas_cumprod[self.get_timesteps(p, steps)[t_enc]]
+            return p.init_latent * alpha.sqrt() + noise * (1 - alpha).sqrt()
+        return noise
+
+
+class FlowSampler:
+    funcname = "flow"
+
+
+def setup_img2img_steps(p, steps=None):
+    requested = steps or p.steps
+    return requested, int(min(p.denoising_strength, 0.999) * requested)
+
+
+class ImageRNG:
+    """modules.rng.ImageRNG: the first draw is one seeded unit Gaussian per image, later draws continue the streams."""
+
+    def __init__(self, shape, seeds):
+        self.shape, self.seeds = shape, seeds
+        self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        self.draws = 0
+
+    def next(self):
+        self.draws += 1
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+
+
+def randn_local(seed, shape):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
+
+
+class FakeSDModel:
+    def __init__(self, family="sd1", latent_channels=4, checkpoint=""):
+        self.is_sd1, self.is_sd2, self.is_sdxl = family == "sd1", family == "sd2", family in ("sdxl", "sdxl-refiner")
+        self.is_sd3 = family == "sd3"
+        self.latent_channels = latent_channels
+        self.lowvram = False
+        self.sd_checkpoint_info = types.SimpleNamespace(filename=checkpoint)
+        if self.is_sdxl:
+            keys = ["txt"] if family == "sdxl-refiner" else ["txt", "txt"]
+            embedders = [types.SimpleNamespace(input_key=k) for k in keys + ["original_size_as_tuple"]]
+            self.conditioner = types.SimpleNamespace(embedders=embedders)
+
+
+@dataclass
+class Processing:
+    """The fields of StableDiffusionProcessing the extension reads."""
+
+    sd_model: object = None
+    prompt: str = "a dark alley"
+    all_prompts: list = field(default_factory=list)
+    all_seeds: list = field(default_factory=list)
+    batch_size: int = 1
+    steps: int = 20
+    width: int = 48
+    height: int = 40
+    sampler_name: str = "Euler"
+    sampler: object = None
+    extra_generation_params: dict = field(default_factory=dict)
+    script_args: tuple = ()
+    enable_hr: bool = False
+    is_hr_pass: bool = False
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float = 1.0
+    mode: str = "txt2img"
+
+
+class StableDiffusionProcessingTxt2Img(Processing):
+    pass
+
+
+@dataclass
+class StableDiffusionProcessingImg2Img(Processing):
+    mode: str = "img2img"
+    image_mask: object = "mask"
+    inpainting_fill: int = 3
+    denoising_strength: float = 1.0
+    initial_noise_multiplier: float = 1.0
+    init_latent: torch.Tensor | None = None
+    nmask: torch.Tensor | None = None
+
+
+class Script:
+    """modules.scripts.Script of A1111 1.10 (with_hook=True) or 1.6–1.9 (without process_before_every_sampling)."""
+
+    infotext_fields = None
+    paste_field_names = None
+
+    def elem_id(self, item_id):
+        return f"script_oms_{item_id}"
+
+
+def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None):
+    """The fake ``modules`` package; returns (package, {name: submodule})."""
+    subs = {name: types.ModuleType(f"modules.{name}") for name in (
+        "scripts", "script_callbacks", "shared", "paths", "processing", "rng", "devices", "lowvram",
+        "sd_samplers_kdiffusion", "sd_samplers_timesteps", "sd_samplers_common", "ui_components", "ui_common")}
+    base = type("Script", (Script,), {})
+    if with_hook:
+        base.process_before_every_sampling = lambda self, p, *args, **kwargs: None
+    subs["scripts"].Script = base
+    subs["scripts"].AlwaysVisible = object()
+    subs["scripts"].scripts_data = []
+    callbacks = subs["script_callbacks"]
+    callbacks.registered = {"ui_settings": [], "before_ui": [], "model_loaded": []}
+    for name in callbacks.registered:
+        setattr(callbacks, f"on_{name}", callbacks.registered[name].append)
+    shared = subs["shared"]
+    shared.opts = Opts(**{"randn_source": "GPU", "sd_noise_schedule": "Default", "sgm_noise_multiplier": False,
+                          "img2img_extra_noise": 0.0, **(opts or {})})
+    shared.OptionInfo = OptionInfo
+    shared.cmd_opts = types.SimpleNamespace(oms_models_dir=None)
+    shared.state = types.SimpleNamespace(interrupted=False, skipped=False)
+    shared.sd_model = FakeSDModel()
+    subs["paths"].models_path = str(models_path)
+    processing = subs["processing"]
+    processing.StableDiffusionProcessingTxt2Img = StableDiffusionProcessingTxt2Img
+    processing.StableDiffusionProcessingImg2Img = StableDiffusionProcessingImg2Img
+    subs["rng"].randn_local = randn_local
+    devices = subs["devices"]
+    devices.device = devices.cpu = torch.device("cpu")
+    devices.dtype_unet = torch.float32
+    devices.get_device_for = lambda task: torch.device("cpu")
+    devices.gc_calls = []
+    devices.torch_gc = lambda: devices.gc_calls.append(1)
+    subs["lowvram"].calls = []
+    subs["lowvram"].send_everything_to_cpu = lambda: subs["lowvram"].calls.append(1)
+    subs["sd_samplers_kdiffusion"].KDiffusionSampler = KDiffusionSampler
+    subs["sd_samplers_timesteps"].CompVisSampler = CompVisSampler
+    subs["sd_samplers_common"].setup_img2img_steps = setup_img2img_steps
+    subs["ui_components"].InputAccordion = type("InputAccordion", (Component,), {})
+    subs["ui_common"].create_refresh_button = lambda *args, **kwargs: Component()
+    package = types.ModuleType("modules")
+    package.__path__ = []
+    for name, module in subs.items():
+        setattr(package, name, module)
+    return package, subs
+
+
+@dataclass
+class WebUI:
+    """The injected fakes and the loaded script module."""
+
+    modules: dict
+    script_module: types.ModuleType
+    errors: list = field(default_factory=list)  # what ScriptRunner would have reported (and swallowed)
+
+    @property
+    def opts(self):
+        return self.modules["shared"].opts
+
+    def script(self):
+        return self.script_module.OneMoreStepScript()
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            fn(*args, **kwargs)
+        except Exception as error:  # ScriptRunner: errors.report(...), generation goes on
+            self.errors.append(error)
+
+    def run(self, p, args, *, batches: int = 1) -> list[torch.Tensor]:
+        """process_images for ``p``: returns the latent each batch's sampler starts from (VE units for k-diffusion,
+        VP for timestep samplers, as the sampler itself holds it)."""
+        script = self.script()
+        with_hook = hasattr(self.modules["scripts"].Script, "process_before_every_sampling")
+        p.script_args = tuple(args)
+        if not p.all_prompts:
+            p.all_prompts = [p.prompt] * (p.batch_size * batches)
+        self._call(script.process, p, *args)
+        starts = []
+        for n in range(batches):
+            p.prompts = p.all_prompts[n * p.batch_size:(n + 1) * p.batch_size]
+            p.seeds = p.all_seeds[n * p.batch_size:(n + 1) * p.batch_size]
+            shape = (p.sd_model.latent_channels, p.height // 8, p.width // 8)
+            p.rng = ImageRNG(shape, p.seeds)
+            self._call(script.process_batch, p, *args, batch_number=n, prompts=p.prompts, seeds=p.seeds)
+            x = p.rng.next()  # not wrapped: an exception here reaches the user
+            if with_hook:
+                noise = x
+                if p.mode == "img2img":
+                    noise = x * p.initial_noise_multiplier if p.initial_noise_multiplier != 1 else x
+                self._call(script.process_before_every_sampling, p, *args, x=x if p.mode == "txt2img" else
+                           p.init_latent, noise=noise, c=None, uc=None)
+                x = noise
+            starts.append(p.sampler.start(p, x, self.opts))
+        return starts
+
+
+def install(monkeypatch, models_path: Path, *, with_hook: bool = True, opts: dict | None = None) -> WebUI:
+    """Inject fake gradio and ``modules`` (``models_path``: the WebUI's models folder) and import the script file
+    fresh, as the WebUI loads it."""
+    package, subs = make_modules(models_path, with_hook=with_hook, opts=opts)
+    monkeypatch.setitem(sys.modules, "gradio", make_gradio())
+    monkeypatch.setitem(sys.modules, "modules", package)
+    for name, module in subs.items():
+        monkeypatch.setitem(sys.modules, f"modules.{name}", module)
+    path = ROOT / "scripts" / "one_more_step.py"
+    spec = importlib.util.spec_from_file_location("one_more_step.py", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return WebUI(subs, module)
