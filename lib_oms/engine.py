@@ -51,9 +51,9 @@ def predict_v(module, encoder, x_T_prime: torch.Tensor, prompts: Sequence[str], 
     x = x_T_prime.to(device, dtype)
     cond = encoder.encode(list(prompts)).to(device, dtype)
     if cfg == 1.0:
-        return module.unet(x, cond).float()
+        return module.forward(x, cond).float()
     uncond = encoder.encode(list(negative_prompts)).to(device, dtype)
-    v_uncond, v_cond = module.unet(torch.cat([x, x]), torch.cat([uncond, cond])).float().chunk(2)
+    v_uncond, v_cond = module.forward(torch.cat([x, x]), torch.cat([uncond, cond])).float().chunk(2)
     return guided_v(v_uncond, v_cond, cfg)
 
 

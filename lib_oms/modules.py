@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .cuda_graphs import GraphedNetwork
 from .errors import LatentSpaceError, ModuleFileError
 from .unet import OMSUNet, infer_unet_config, normalize_unet_config, parameter_shapes
 
@@ -46,7 +47,11 @@ TEXT_COMPONENTS = {
 
 @dataclass(eq=False)
 class OMSModule:
-    """A loaded OMS module. ``unet`` is in eval mode with gradients off; ``.to`` moves it in place."""
+    """A loaded OMS module. ``unet`` is in eval mode with gradients off; ``.to`` moves it in place.
+
+    Call ``forward`` for the prediction: on a CUDA device it replays captured CUDA graphs unless ``cuda_graphs`` is
+    turned off (do that when the module is moved in and out of the GPU for every generation).
+    """
 
     name: str
     path: Path
@@ -56,6 +61,16 @@ class OMSModule:
     latent_space: str
     text_encoder: str
     short_hash: str
+    cuda_graphs: bool = True
+
+    def __post_init__(self):
+        self._graphed = GraphedNetwork(self.unet)
+
+    def forward(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """The network's prediction v for unit noise ``sample`` and text features ``encoder_hidden_states``."""
+        if self.cuda_graphs:
+            return self._graphed(sample, encoder_hidden_states)
+        return self.unet(sample, encoder_hidden_states)
 
     @property
     def device(self) -> torch.device:
@@ -71,6 +86,11 @@ class OMSModule:
         return self.config["cross_attention_dim"]
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> OMSModule:
+        target = torch.device(device) if device is not None else self.device
+        same_device = target.type == self.device.type and target.index in (None, self.device.index)
+        if same_device and dtype in (None, self.dtype):
+            return self  # keeps the captured CUDA graphs
+        self._graphed.clear()  # they read the weights where they were
         self.unet.to(device=device, dtype=dtype)
         return self
 

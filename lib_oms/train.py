@@ -353,7 +353,11 @@ def train_oms(latents: torch.Tensor, captions: list[str], encoder, unet_config: 
         if record["world_size"] != world:
             raise ValueError(f"{checkpoint_dir} was written by {record['world_size']} processes, this run has {world}")
         start_step = record["step"]
-    trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    else:
+        trained = model
     batches = _BatchIndices(len(latents), settings.batch_size, rank, world, settings.seed)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=settings.mixed_precision == "bf16"
                               and device.type == "cuda")

@@ -263,6 +263,7 @@ def prepare(p, args: OMSArgs) -> Plan:
     entry = choose_module(args.module, entries, latent_space, option(f"oms_module_{latent_space}", AUTOMATIC),
                           lambda e: MODULE_CACHE.get(e.path, home, dtype).latent_space, module_dirs())
     plan.module = MODULE_CACHE.get(entry.path, home, dtype)
+    plan.module.cuda_graphs = not plan.offload  # a module moved in and out for every step would recapture each time
     oms_modules.check_latent_space(plan.module, latent_space)
     source = resolve_text_encoder(plan.module.text_encoder, family,
                                   setting_path=option("oms_text_encoder_path", ""),

@@ -35,7 +35,7 @@ def constant_module():
         calls.append(sample.shape[0])
         return -context[:, :1, :1].reshape(-1, 1, 1, 1).expand_as(sample).to(sample)
 
-    return SimpleNamespace(name="const", config={"in_channels": 4}, text_encoder="test-means", unet=unet,
+    return SimpleNamespace(name="const", config={"in_channels": 4}, text_encoder="test-means", forward=unet,
                            device=torch.device("cpu"), dtype=torch.float32, calls=calls)
 
 

@@ -23,7 +23,6 @@ from lib_oms.modules import (
 )
 from tests.factories import (
     oms_s_config,
-    one_cpu_thread,
     random_state_dict,
     reference_unet,
     tiny_inputs,
@@ -32,12 +31,6 @@ from tests.factories import (
     write_released_folder,
     write_sidecar,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_cpu_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,6 @@ from tests.webui_fakes import (
     randn_local,
 )
 
-torch.set_num_threads(1)  # tiny networks: threads only contend on the shared CI cores (10x slower)
-
 ON = [True, "Automatic", "", "", 1.0, "SDE"]
 OFF = [False, "Automatic", "", "", 1.0, "SDE"]
 

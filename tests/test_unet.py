@@ -14,7 +14,6 @@ from tests.factories import (
     oms_b_config,
     oms_l_config,
     oms_s_config,
-    one_cpu_thread,
     random_state_dict,
     reference_unet,
     tiny_inputs,
@@ -22,12 +21,6 @@ from tests.factories import (
 )
 
 TSV = Path(__file__).parent / "data" / "oms_b_state_dict_keys.tsv"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_cpu_thread():
-        yield
 
 
 def parity(config: dict, sizes, batch: int = 1, seed: int = 0) -> float:

@@ -136,7 +136,8 @@ class DemoDenoiser(nn.Module):
         t = t.float().clamp(0, len(self.alphas_cumprod) - 1)
         low = t.floor().long()
         high = t.ceil().long()
-        alpha_bar = torch.lerp(self.alphas_cumprod[low], self.alphas_cumprod[high], t - low.float())[:, None, None, None]
+        alpha_bar = torch.lerp(self.alphas_cumprod[low], self.alphas_cumprod[high], t - low.float())
+        alpha_bar = alpha_bar[:, None, None, None]
         return (1.0 - alpha_bar).sqrt() / (alpha_bar * self.second_moment + 1.0 - alpha_bar)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ SWEEP_PROMPT = "dark"
 class DemoConfig:
     """Sizes of one demo run; the defaults are the README's run, tests use fewer images and steps."""
 
-    images: int = 64                 # data captions (one seed each) generated without and with OMS
+    images: int = 256                # data captions (one seed each) generated without and with OMS
     steps: int = 20                  # Euler steps
     cfg: float = 1.0                 # the base model's CFG (1: its own distribution, the one W1 compares)
     prompt_seeds: int = 16           # seeds per prompt for prompt control and for each OMS CFG of the sweep

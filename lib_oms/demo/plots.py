@@ -48,7 +48,7 @@ def image_grid(rows: Sequence[tuple[str, torch.Tensor]], *, scale: int = 3, capt
     return picture
 
 
-def brightness_histograms(sets: dict[str, np.ndarray], *, bins: int = 24, width: int = 520,
+def brightness_histograms(sets: dict[str, np.ndarray], *, bins: int = 24, width: int = 560,
                           panel_height: int = 110) -> Image.Image:
     """One histogram panel per set of per-image mean brightness (−1..1), the same axes for all, as shares."""
     font = ImageFont.load_default()
@@ -56,7 +56,7 @@ def brightness_histograms(sets: dict[str, np.ndarray], *, bins: int = 24, width:
     shares = {name: np.histogram(np.clip(values, -1, 1), edges)[0] / max(1, len(values))
               for name, values in sets.items()}
     peak = max(float(share.max()) for share in shares.values()) or 1.0
-    left, right, top, bottom = 46, 12, 22, 30
+    left, right, top, bottom = 84, 12, 22, 30
     plot_width = width - left - right
     picture = Image.new("RGB", (width, top + len(sets) * (panel_height + 8) + bottom), BACKGROUND)
     draw = ImageDraw.Draw(picture)
@@ -67,7 +67,7 @@ def brightness_histograms(sets: dict[str, np.ndarray], *, bins: int = 24, width:
         base = y0 + panel_height
         colour = COLOURS.get(name, INK)
         draw.line([(left, base), (left + plot_width, base)], fill=INK)
-        draw.text((4, y0 + panel_height // 2 - 5), name[:7], fill=colour, font=font)
+        draw.text((4, y0 + panel_height // 2 - 5), name, fill=colour, font=font)
         values = sets[name]
         draw.text((left + 4, y0), f"{name}: mean {np.mean(values):+.2f}, std {np.std(values):.2f}, n={len(values)}",
                   fill=colour, font=font)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import webui_api as api
 
@@ -126,3 +128,12 @@ def test_negative_prompt_is_unused_at_oms_cfg_1(generate, oms_on):
     with_negative = generate(api.payload({"enabled": True, "negative_prompt": "dark"}))
     assert api.same_pixels(with_negative.images[0], oms_on.images[0])
     assert with_negative.params()["OMS negative prompt"] == "dark"
+
+
+def test_modules_from_the_oms_models_dir_flag_are_offered(script_info):
+    """preload.py's --oms-models-dir: the server is started with a folder holding SD_WEBUI_OMS_EXTRA_MODULE."""
+    extra = os.environ.get("SD_WEBUI_OMS_EXTRA_MODULE")
+    if not extra:
+        pytest.skip("SD_WEBUI_OMS_EXTRA_MODULE is not set (server not started with --oms-models-dir)")
+    entry = next(s for s in script_info if s["name"] == api.SCRIPT_TITLE.lower() and not s["is_img2img"])
+    assert extra in entry["args"][api.ARG_NAMES.index("module")]["choices"]

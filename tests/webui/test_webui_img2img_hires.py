@@ -61,12 +61,12 @@ def test_inpainting_from_latent_noise_gets_the_oms_start_inside_the_mask(inpaint
 
 
 @pytest.mark.parametrize("case, fields", [
-    ("inpaint-original-fill", {"inpainting_fill": 1}),
-    ("inpaint-strength-below-1", {"inpainting_fill": 2, "denoising_strength": 0.6}),
-    ("plain-img2img", {"denoising_strength": 0.6}),
+    pytest.param("inpaint", {"inpainting_fill": 1}, id="inpaint-original-fill"),
+    pytest.param("inpaint", {"inpainting_fill": 2, "denoising_strength": 0.6}, id="inpaint-strength-below-1"),
+    pytest.param("plain", {"denoising_strength": 0.6}, id="plain-img2img"),
 ])
 def test_img2img_that_keeps_the_input_is_skipped_and_untouched(server, case, fields):
-    if case.startswith("inpaint"):
+    if case == "inpaint":
         fields = {**fields, "mask": png_b64(mask_image())}
     off = img2img(None, **fields)
     on = img2img({"enabled": True}, **fields)
