@@ -22,6 +22,7 @@ __all__ = [
     "find_modules",
     "load_mixclip_text_encoder",
     "load_module",
+    "load_openclip_text_encoder",
     "oms_start",
     "save_module",
     "seeded_unit_noise",

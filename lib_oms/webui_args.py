@@ -16,6 +16,8 @@ from .errors import OMSError
 AUTOMATIC = "Automatic"
 SOLVER_CHOICES = ("SDE", "DDIM")
 INFOTEXT_SKIPPED = "OMS skipped"
+# the passes that continue from the corrected first pass as they are (hires fix second pass, refiner)
+INFOTEXT_FIRST_PASS_ONLY = "OMS first pass only"
 
 
 class ArgumentError(OMSError):
@@ -170,7 +172,7 @@ def infotext_params(args: OMSArgs, module: str) -> dict[str, object]:
 
 def infotext_keys() -> tuple[str, ...]:
     """Every key this extension may write to infotext."""
-    return tuple(arg.infotext for arg in ARGS) + (INFOTEXT_SKIPPED,)
+    return tuple(arg.infotext for arg in ARGS) + (INFOTEXT_SKIPPED, INFOTEXT_FIRST_PASS_ONLY)
 
 
 def paste_value(arg: Arg, params: Mapping[str, str]) -> object:

@@ -24,6 +24,7 @@ from lib_oms.webui_args import (
     ARG_BY_NAME,
     ARGS,
     AUTOMATIC,
+    INFOTEXT_FIRST_PASS_ONLY,
     INFOTEXT_SKIPPED,
     ArgumentError,
     OMSArgs,
@@ -232,11 +233,10 @@ class Plan:
     said: set = field(default_factory=set)
 
 
-def say_skipped(p, plan: Plan, reason: str, *, whole: bool) -> None:
-    """A skip goes to the infotext and, once per generation, to the console; a whole skip removes the OMS keys."""
-    if whole:
-        for key in infotext_keys():
-            p.extra_generation_params.pop(key, None)
+def say_skipped(p, plan: Plan, reason: str) -> None:
+    """A skip replaces the OMS keys of the infotext with its reason and is said once per generation in the console."""
+    for key in infotext_keys():
+        p.extra_generation_params.pop(key, None)
     p.extra_generation_params[INFOTEXT_SKIPPED] = reason
     if reason not in plan.said:
         plan.said.add(reason)
@@ -251,7 +251,7 @@ def prepare(p, args: OMSArgs) -> Plan:
     family = checkpoint_family(sd_model)
     reason = model_skip_reason(family, int(getattr(sd_model, "latent_channels", 4))) or job_skip_reason(job)
     if reason:
-        say_skipped(p, plan, reason, whole=True)
+        say_skipped(p, plan, reason)
         return plan
     latent_space = LATENT_SPACE_OF_FAMILY[family]
     plan.device, dtype = device_and_dtype()
@@ -270,9 +270,10 @@ def prepare(p, args: OMSArgs) -> Plan:
                                   module_dirs=module_dirs(), hub_dir=huggingface_hub_dir())
     plan.encoder = load_encoder(plan.module.text_encoder, source, sd_model, home, dtype)
     p.extra_generation_params.update(infotext_params(args, module_label(entry.name, plan.module.short_hash)))
-    notes = untouched_passes(job)
-    if notes:
-        say_skipped(p, plan, "; ".join(notes), whole=False)
+    passes = "; ".join(untouched_passes(job))
+    if passes:
+        p.extra_generation_params[INFOTEXT_FIRST_PASS_ONLY] = passes
+        log(f"the first pass starts from the OMS latent; the {passes} continue from it as usual")
     return plan
 
 
@@ -312,7 +313,7 @@ def corrected_noise(p, plan: Plan, noise: torch.Tensor) -> torch.Tensor | None:
     start = sampler_start(p, plan.job)
     reason = start if isinstance(start, str) else start_skip_reason(start)
     if reason:
-        say_skipped(p, plan, reason, whole=True)
+        say_skipped(p, plan, reason)
         return None
     args = plan.args
     prompts = oms_prompts(args.prompt, list(p.prompts), p.steps)
@@ -436,7 +437,7 @@ class OneMoreStepScript(scripts.Script):
         try:
             out = corrected_noise(p, plan, noise)
         except Exception as error:  # the WebUI only reports it: say in the infotext that OMS did not run
-            say_skipped(p, plan, f"error: {error}", whole=True)
+            say_skipped(p, plan, f"error: {error}")
             raise
         if out is not None:
             noise.copy_(out)  # in place: A1111 keeps using its own reference to this tensor

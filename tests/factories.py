@@ -7,7 +7,6 @@ functions at the end of this file.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import math
@@ -91,17 +90,6 @@ def tiny_unet_config(**overrides) -> dict:
         "cross_attention_dim": 32,
         **overrides,
     })
-
-
-@contextlib.contextmanager
-def one_cpu_thread():
-    """Run torch on one CPU thread: on a small shared machine two threads fight and tiny forwards get 50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def random_state_dict(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

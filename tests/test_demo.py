@@ -23,23 +23,15 @@ from lib_oms.demo.text_encoder import DemoTextEncoder, load_text_encoder, save_t
 from lib_oms.demo.world import LATENT_SHAPE, LATENT_SPACE, decode_latents, draw_batch, encode_latents
 from lib_oms.errors import ModuleFileError, TextEncoderError
 from lib_oms.modules import load_module
-from tests.factories import one_cpu_thread
 
 # W1 needs a few hundred images (128 draws of the data itself are 0.05 from the data's distribution); 8 steps suffice.
 FAST = DemoConfig(images=256, steps=8, prompt_seeds=8, oms_cfgs=(1.0, 1.5, 2.0), reference=2000)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_cpu_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
 def fast_run():
     """One fast demo run on the shipped weights, shared by the target checks."""
-    with one_cpu_thread():
-        return run_experiment(load_models(MODELS_DIR), FAST)
+    return run_experiment(load_models(MODELS_DIR), FAST)
 
 
 # ------------------------------------------------------------------------------------------------------------------

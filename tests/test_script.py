@@ -236,12 +236,14 @@ def test_hires_and_refiner_passes_are_said(webui, capsys):
     p = txt2img(enable_hr=True, refiner_checkpoint="refiner.safetensors", refiner_switch_at=0.8)
     webui.run(p, ON)
     assert p.extra_generation_params["OMS"] is True
-    assert p.extra_generation_params["OMS skipped"] == "hires fix second pass; refiner"
+    assert p.extra_generation_params["OMS first pass only"] == "hires fix second pass; refiner"
+    assert "OMS skipped" not in p.extra_generation_params
     noise = torch.ones(1, 4, 5, 6)
     p.is_hr_pass = True
     webui.script().process_before_every_sampling(p, *ON, x=noise, noise=noise)
     assert torch.equal(noise, torch.ones(1, 4, 5, 6))
-    assert capsys.readouterr().out.count("skipped") == 1
+    out = capsys.readouterr().out
+    assert out.count("the hires fix second pass; refiner continue from it") == 1 and "skipped" not in out
 
 
 @pytest.mark.parametrize("p_kwargs, reason", [

@@ -27,15 +27,9 @@ from lib_oms.train import (
     train_oms,
 )
 from lib_oms.unet import OMSUNet, normalize_unet_config
-from tests.factories import one_cpu_thread, tiny_unet_config
+from tests.factories import tiny_unet_config
 
 WORDS = ("dark", "bright", "red", "blue")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_cpu_thread():
-        yield
 
 
 def tiny_data(count: int = 48, seed: int = 0) -> tuple[torch.Tensor, list[str]]:

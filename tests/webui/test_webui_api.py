@@ -116,9 +116,10 @@ def test_batch_of_two_equals_two_single_images(generate, oms_on, baseline):
     second = generate(api.payload({"enabled": True}, seed=seed + 1))
     assert len(batch.images) == 2
     assert [int(batch.params(i)["Seed"]) for i in range(2)] == [seed, seed + 1]
-    # Batched UNet calls may round differently in the last bit; anything OMS gets wrong per image is far larger.
+    # Batched UNet calls round differently in the last bit (measured: pixels off by at most 1, mean 3e-4); anything
+    # OMS gets wrong per image (another image's prompt, seed or z) changes most pixels by far more.
     for got, want in ((batch.images[0], oms_on.images[0]), (batch.images[1], second.images[0])):
-        assert api.mean_abs_diff(got, want) < 0.5, api.mean_abs_diff(got, want)
+        assert api.max_abs_diff(got, want) <= 2 and api.mean_abs_diff(got, want) < 0.05, api.mean_abs_diff(got, want)
     assert api.mean_abs_diff(batch.images[0], baseline.images[0]) > 1.0
     assert all(batch.params(i)["OMS"] == "True" for i in range(2))
 

@@ -28,7 +28,8 @@ SCRIPT_TITLE = "One More Step"
 ARG_NAMES = ("enabled", "module", "prompt", "negative_prompt", "cfg", "solver")
 ARG_LABELS = ("One More Step", "OMS module", "OMS prompt", "OMS negative prompt", "OMS CFG", "OMS solver")
 ARG_DEFAULTS = (False, "Automatic", "", "", 1.0, "SDE")
-INFOTEXT_KEYS = ("OMS", "OMS module", "OMS prompt", "OMS negative prompt", "OMS CFG", "OMS solver", "OMS skipped")
+INFOTEXT_KEYS = ("OMS", "OMS module", "OMS prompt", "OMS negative prompt", "OMS CFG", "OMS solver", "OMS skipped",
+                 "OMS first pass only")
 AXIS_CFG = "[OMS] CFG"
 AXIS_ENABLED = "[OMS] Enabled"
 
@@ -165,3 +166,7 @@ def same_pixels(a: np.ndarray, b: np.ndarray) -> bool:
 
 def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
