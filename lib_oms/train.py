@@ -337,7 +337,7 @@ def train_oms(latents: torch.Tensor, captions: list[str], encoder, unet_config: 
         raise ModuleFileError(f"{module_path} already exists: choose another --out or --name, or pass --overwrite")
     rank, world = _distributed()
     device = torch.device(device or default_device())
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:  # plain "cuda" is the current device already
         torch.cuda.set_device(device)
     torch.manual_seed(settings.seed)  # the same initial weights on every rank
     model = OMSUNet(unet_config).to(device).train()
