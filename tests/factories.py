@@ -12,7 +12,6 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -184,25 +183,13 @@ def write_sidecar(module_path: Path, **entries) -> Path:
     return sidecar
 
 
-def import_diffusers():
-    """diffusers (test-only dependency) or skip the test.
-
-    diffusers < 0.26 imports ``huggingface_hub.cached_download``, which huggingface_hub 0.26+ removed; nothing
-    here downloads, so an alias is enough to import it beside a newer hub.
-    """
-    hub = pytest.importorskip("huggingface_hub")
-    if not hasattr(hub, "cached_download"):
-        hub.cached_download = hub.hf_hub_download
-    return pytest.importorskip("diffusers")
-
-
 def diffusers_no_time_unet(config: dict, state_dict: dict):
     """diffusers' UNet2DConditionModel for ``config`` with our weights and every time projection zeroed.
 
     With time_embedding and each resnet's time_emb_proj all zero, the time embedding adds 0: the network is the
     official no-time UNet2DConditionWoCTModel. Call it as ``model(sample, 0, encoder_hidden_states=ctx).sample``.
     """
-    unet_class = import_diffusers().UNet2DConditionModel
+    from diffusers import UNet2DConditionModel as unet_class  # test-only dependency: the reference implementation
     normalised = normalize_unet_config(config, "tests.factories")
     accepted = inspect.signature(unet_class.__init__).parameters
     with torch.device("meta"):
