@@ -86,12 +86,10 @@ class OMSModule:
         return self.config["cross_attention_dim"]
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> OMSModule:
-        target = torch.device(device) if device is not None else self.device
-        same_device = target.type == self.device.type and target.index in (None, self.device.index)
-        if same_device and dtype in (None, self.dtype):
-            return self  # keeps the captured CUDA graphs
-        self._graphed.clear()  # they read the weights where they were
+        weights_at = self.unet.conv_in.weight.data_ptr()
         self.unet.to(device=device, dtype=dtype)
+        if self.unet.conv_in.weight.data_ptr() != weights_at:
+            self._graphed.clear()  # the captured CUDA graphs read the weights where they were
         return self
 
 
