@@ -87,27 +87,64 @@ class TextEncoder(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tokenizer
+# Tokenizer: transformers' slow CLIPTokenizer, as the released pipeline runs it, on open_clip's BPE
+#
+# The pipeline's tokenizers (SD 2.x `tokenizer`, SDXL's `tokenizer` and `tokenizer_2`) are transformers
+# `CLIPTokenizer`s. Their special tokens are cut out of the text before anything else, and SD 2.x's / SDXL
+# tokenizer_2's pad token is "!", so every "!" in a prompt is id 0 there (open_clip's own tokenizer gives 256, "!!!"
+# 995). Between special tokens the text is cleaned with ftfy, whitespace-normalised, lower-cased and BPE-encoded.
+
+SPECIAL_IDS = {"<|startoftext|>": BOS_ID, "<|endoftext|>": EOS_ID}
+PAD_TOKENS = {OPENCLIP_PAD_ID: "!", CLIP_L_PAD_ID: "<|endoftext|>"}  # pad id -> the tokenizer's pad token
+_WORD_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
 @cache
 def _bpe():
-    """open_clip's CLIP BPE tokenizer; its vocabulary ships inside the open_clip package."""
+    """open_clip's CLIP BPE (its vocabulary ships inside the open_clip package) and the word pattern."""
+    import regex
     from open_clip.tokenizer import SimpleTokenizer
 
-    return SimpleTokenizer()
+    return SimpleTokenizer(), regex.compile(_WORD_PATTERN, regex.IGNORECASE), regex.compile(r"\s+")
+
+
+def _encode_text(text: str) -> list[int]:
+    """Ids of text holding no special token, as `CLIPTokenizer._tokenize` (ftfy path) and its vocabulary give."""
+    import ftfy
+
+    bpe, words, spaces = _bpe()
+    ids = []
+    for word in words.findall(spaces.sub(" ", ftfy.fix_text(text)).strip().lower()):
+        if word in SPECIAL_IDS:  # written in another case: special only after lower-casing, as in transformers
+            ids.append(SPECIAL_IDS[word])
+            continue
+        unicode_bytes = "".join(bpe.byte_encoder[b] for b in word.encode("utf-8"))
+        ids.extend(bpe.encoder[token] for token in bpe.bpe(unicode_bytes).split(" "))
+    return ids
+
+
+def encode_prompt(prompt: str, pad_id: int) -> list[int]:
+    """A prompt's ids without BOS/EOS: special tokens (and the pad token) are cut out first and keep their ids."""
+    special = {**SPECIAL_IDS, PAD_TOKENS[pad_id]: pad_id}
+    pieces = re.split("(" + "|".join(map(re.escape, special)) + ")", prompt)  # odd indices: the special tokens
+    ids = []
+    for index, piece in enumerate(pieces):
+        ids += [special[piece]] if index % 2 else _encode_text(piece)
+    return ids
 
 
 def tokenize(prompts: list[str], *, pad_id: int, max_length: int = MAX_LENGTH) -> torch.Tensor:
-    """CLIP token ids [B, max_length]: BOS, the prompt, EOS, then `pad_id`.
+    """CLIP token ids [B, max_length]: BOS, the prompt, EOS, then `pad_id`, as the official tokenizers give them.
 
-    Longer prompts are cut to `max_length` with EOS kept last (open_clip's `tokenize` and transformers'
-    `truncation=True` agree on this); there is no chunking, as in the official OMS pipeline.
+    `pad_id` says which tokenizer: 0 = SD 2.x / SDXL tokenizer_2 (pad token "!"), 49407 = CLIP-L (<|endoftext|>).
+    Longer prompts are cut to `max_length` with EOS kept last (transformers' `truncation=True`); there is no
+    chunking, as in the official OMS pipeline.
     """
-    bpe = _bpe()
+    if pad_id not in PAD_TOKENS:
+        raise ValueError(f"unknown pad id {pad_id}: use {OPENCLIP_PAD_ID} (SD 2.x) or {CLIP_L_PAD_ID} (CLIP-L)")
     ids = torch.full((len(prompts), max_length), pad_id, dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        tokens = [BOS_ID, *bpe.encode(prompt)][: max_length - 1] + [EOS_ID]
+        tokens = [BOS_ID, *encode_prompt(prompt, pad_id)][: max_length - 1] + [EOS_ID]
         ids[row, : len(tokens)] = torch.tensor(tokens)
     return ids
 
@@ -474,7 +511,8 @@ class OpenCLIPTextEncoder(_Encoder):
 
     `model` is a transformers `CLIPTextModel` already cut to the chosen layer: 23 blocks for "penultimate"
     (== SD2.x conditioning and the diffusers `text_encoder`'s `last_hidden_state`), 24 for "last"; the final
-    layer norm is applied in both cases. Tokens: 77, padded with id 0, no attention mask (as the official code).
+    layer norm is applied in both cases. Tokens: 77, padded with id 0, no attention mask, every "!" id 0 (SD 2.x's
+    tokenizer, as the official code).
     """
 
     kind = "openclip-h"
@@ -499,7 +537,7 @@ class MixClipTextEncoder(_Encoder):
 
     Both models are built without their last block, so their last hidden state before the final layer norm is the
     full tower's `hidden_states[-2]` (the official `SDXLTextEncoder`; the final layer norm is not applied).
-    CLIP-L tokens are padded with EOS, bigG tokens with id 0, as SDXL's two tokenizers do.
+    CLIP-L tokens are padded with EOS, bigG tokens with id 0 ("!", so every "!" is id 0), as SDXL's two tokenizers do.
     """
 
     kind = "sdxl-mixclip"

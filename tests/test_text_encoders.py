@@ -1,5 +1,8 @@
 """Text encoders: conversions checked against open_clip's and transformers' own forward passes (tiny random towers)."""
 
+import json
+from pathlib import Path
+
 import open_clip
 import pytest
 import torch
@@ -150,6 +153,30 @@ def test_tokenize_truncates_with_eos_last_and_matches_open_clip():
 def test_tokenize_clip_l_pads_with_eos():
     ids = tokenize(["a photo of a cat"], pad_id=te.CLIP_L_PAD_ID)
     assert ids[0, 6:].eq(49407).all() and ids[0, 5].item() == 2368
+
+
+# Frozen from transformers 4.30.2's slow CLIPTokenizer by tests/make_token_reference.py (named and random prompts).
+TOKEN_REFERENCE = json.loads((Path(__file__).parent / "data" / "clip_token_ids.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("tokenizer, pad_id", [("sd2", te.OPENCLIP_PAD_ID), ("clip_l", te.CLIP_L_PAD_ID)])
+def test_tokenize_equals_the_official_tokenizer(tokenizer, pad_id):
+    """SD 2.x / SDXL tokenizer_2 (pad "!", special: every "!" is id 0) and CLIP-L (pad <|endoftext|>)."""
+    assert TOKEN_REFERENCE["pad_ids"][tokenizer] == pad_id
+    cases = TOKEN_REFERENCE["cases"]
+    ids = tokenize([case["prompt"] for case in cases], pad_id=pad_id)
+    wrong = [case["prompt"] for case, row in zip(cases, ids.tolist(), strict=True)
+             if row != case[tokenizer] + [pad_id] * (77 - len(case[tokenizer]))]
+    assert wrong == [], f"{len(wrong)} of {len(cases)} prompts differ, first {wrong[0]!r}"
+
+
+def test_exclamation_marks_are_the_pad_token_for_openclip_h():
+    prompt = "Hello World!!! what a view!"
+    sd2 = tokenize([prompt], pad_id=te.OPENCLIP_PAD_ID)[0]
+    assert sd2[:11].tolist() == [49406, 3306, 1002, 0, 0, 0, 768, 320, 1093, 0, 49407]
+    assert (sd2 != open_clip.tokenize([prompt])[0]).sum() == 7  # open_clip: "!!!" 995, "!" 256
+    clip_l = tokenize([prompt], pad_id=te.CLIP_L_PAD_ID)[0]
+    assert clip_l[:9].tolist() == [49406, 3306, 1002, 995, 768, 320, 1093, 256, 49407]
 
 
 # ---------------------------------------------------------------------------------------------------------------
