@@ -1,7 +1,8 @@
 """Installs what One More Step needs and the WebUI lacks (run by the WebUI's launcher unless --skip-install).
 
-The WebUI (A1111 1.6–1.10, Forge, reForge) already ships safetensors, transformers and open-clip-torch: normally
-nothing is installed. A missing package is installed with a lower bound only, so no pin of the WebUI is changed.
+The WebUI (A1111 1.6–1.10, Forge, reForge) already ships safetensors, transformers, open-clip-torch and
+huggingface_hub: normally nothing is installed. A missing package is installed with a lower bound only, so no pin
+of the WebUI is changed.
 """
 
 import launch
@@ -11,6 +12,7 @@ REQUIREMENTS = (
     ("safetensors", "0.3.1"),
     ("transformers", "4.30.2"),
     ("open-clip-torch", "2.20.0"),
+    ("huggingface_hub", "0.17.0"),  # downloads on first use (lib_oms/download.py)
 )
 
 

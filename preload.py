@@ -8,3 +8,8 @@ def preload(parser):
         default=None,
         help="One More Step: an extra folder of OMS modules (searched after <models>/oms)",
     )
+    parser.add_argument(
+        "--oms-no-download",
+        action="store_true",
+        help="One More Step: never download a missing module or text encoder (place them by hand: models/README.md)",
+    )

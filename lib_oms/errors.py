@@ -15,3 +15,15 @@ class LatentSpaceError(OMSError):
 
 class TextEncoderError(OMSError):
     """The OMS text encoder is missing, unreadable, of the wrong width, or cannot give the requested layer."""
+
+
+class ModuleMissingError(ModuleFileError):
+    """No OMS module for the checkpoint's latent space is on disk (one can be downloaded)."""
+
+
+class TextEncoderMissingError(TextEncoderError):
+    """The text encoder an OMS module needs is nowhere on disk (it can be downloaded)."""
+
+
+class DownloadError(OMSError):
+    """A download of OMS files failed, was stopped, or cannot be made (offline, no space, no such file)."""

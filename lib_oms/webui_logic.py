@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModuleFileError, TextEncoderError
+from .errors import ModuleFileError, ModuleMissingError, TextEncoderError, TextEncoderMissingError
 from .step import SamplerStart, sigma_from_alpha_bar
+from .text_encoders import OPENCLIP_VIT_H14, holds_text_tower
 from .webui_args import AUTOMATIC
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,7 +246,8 @@ RELEASED_MODULES = {
 def choose_module(choice: str, entries: Sequence, latent_space: str, default_name: str,
                   latent_space_of: Callable[[object], str], searched: Sequence[Path]):
     """The module entry to use: the one named, or for "Automatic" the default set for this latent space, else the
-    first found module of this latent space. Raises ModuleFileError saying what to download and where."""
+    first found module of this latent space. Raises ModuleFileError (ModuleMissingError when "Automatic" finds no
+    module of this latent space, which a download can fix) saying what to download and where."""
     where = ", ".join(str(path) for path in searched)
     by_name = {entry.name: entry for entry in entries}
     if choice != AUTOMATIC:
@@ -259,7 +261,7 @@ def choose_module(choice: str, entries: Sequence, latent_space: str, default_nam
         if latent_space_of(entry) == latent_space:
             return entry
     wanted = RELEASED_MODULES.get(latent_space, f"an OMS module trained for the {latent_space} latent space")
-    raise ModuleFileError(f"no OMS module for this checkpoint's latent space ({latent_space}) was found in {where}: "
+    raise ModuleMissingError(f"no OMS module for this checkpoint's latent space ({latent_space}) was found in {where}: "
                           f"download {wanted} into one of these folders (see models/README.md)")
 
 
@@ -276,7 +278,14 @@ class EncoderSource:
 
 OPENCLIP_H = "openclip-h"
 SDXL_MIXCLIP = "sdxl-mixclip"
-_HF_REPO_GLOB = "models--stabilityai--stable-diffusion-2-1*"
+# Where the local Hugging Face cache keeps SD 2.x's text encoder: Stability AI's SD 2.x repositories (deleted from the
+# hub in November 2025, still in older caches), the sd2-community mirrors, and LAION's OpenCLIP ViT-H/14 itself.
+_HF_CACHE_GLOBS = (
+    "models--stabilityai--stable-diffusion-2*/snapshots/*/text_encoder",
+    "models--sd2-community--stable-diffusion-2*/snapshots/*/text_encoder",
+    "models--laion--CLIP-ViT-H-14-laion2B-s32B-b79K/snapshots/*/open_clip_model.safetensors",
+    "models--laion--CLIP-ViT-H-14-laion2B-s32B-b79K/snapshots/*/model.safetensors",
+)
 
 
 def unwrap_hijacked_keys(state_dict) -> dict:
@@ -320,15 +329,35 @@ def placed_text_encoders(setting_path: str, module_dirs: Sequence[Path]) -> list
 
 
 def cached_text_encoders(hub_dir: Path) -> list[Path]:
-    """SD 2.1 ``text_encoder`` folders already in the local Hugging Face cache (nothing is downloaded)."""
-    return [path for path in sorted(hub_dir.glob(f"{_HF_REPO_GLOB}/snapshots/*/text_encoder")) if _usable(path)]
+    """SD 2.x text encoders already in the local Hugging Face cache (nothing is downloaded)."""
+    return [path for pattern in _HF_CACHE_GLOBS for path in sorted(hub_dir.glob(pattern)) if _usable(path)]
+
+
+_SD2_CHECKPOINT: dict[tuple[str, int, int], bool] = {}  # (path, mtime, size) -> holds OpenCLIP ViT-H/14
+
+
+def sd2_checkpoints(checkpoints: Sequence[Path]) -> list[Path]:
+    """The .safetensors checkpoints (the WebUI's list) that hold SD 2.x's OpenCLIP ViT-H/14 text encoder, judged from
+    their headers once per file version; only their text tensors are read when one is used."""
+    found = []
+    for path in map(Path, checkpoints):
+        if path.suffix != ".safetensors" or not path.is_file():
+            continue
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        if key not in _SD2_CHECKPOINT:
+            _SD2_CHECKPOINT[key] = holds_text_tower(path, OPENCLIP_VIT_H14)
+        if _SD2_CHECKPOINT[key]:
+            found.append(path)
+    return found
 
 
 def resolve_text_encoder(kind: str, family: str, *, setting_path: str, module_dirs: Sequence[Path],
-                         hub_dir: Path) -> EncoderSource:
+                         hub_dir: Path, checkpoints: Sequence[Path] = ()) -> EncoderSource:
     """The first available text encoder source for an encoder ``kind`` (decision 6), or TextEncoderError.
 
-    openclip-h: the loaded SD2.x checkpoint's own encoder, a file/folder the user placed, a local HF cache entry.
+    openclip-h: the loaded SD2.x checkpoint's own encoder, a file/folder the user placed, a local HF cache entry, an
+    SD 2.x checkpoint among ``checkpoints``; none: TextEncoderMissingError (a download can fix it).
     sdxl-mixclip: the loaded SDXL checkpoint's own CLIP-L + bigG.
     """
     if kind == SDXL_MIXCLIP:
@@ -341,14 +370,16 @@ def resolve_text_encoder(kind: str, family: str, *, setting_path: str, module_di
     if family == "sd2":
         return EncoderSource("checkpoint")
     candidates = placed_text_encoders(setting_path, module_dirs) + cached_text_encoders(hub_dir)
+    if not candidates:  # the checkpoints' headers are read only when nothing else is there
+        candidates = sd2_checkpoints(checkpoints)
     if candidates:
         return EncoderSource("file", candidates[0])
     first_dir = module_dirs[0] if module_dirs else Path("models/oms")
-    raise TextEncoderError(
-        "the OMS module needs the OpenCLIP ViT-H/14 text encoder of SD 2.x and none was found: download "
-        "text_encoder/config.json and text_encoder/model.safetensors from stabilityai/stable-diffusion-2-1 into "
-        f"{Path(first_dir) / 'text_encoder'}, or set its path in Settings > One More Step (an SD 2.x .safetensors "
-        "checkpoint works too); with an SD 2.x checkpoint loaded its own encoder is used")
+    raise TextEncoderMissingError(
+        "the OMS module needs the OpenCLIP ViT-H/14 text encoder of SD 2.x and none was found (searched "
+        f"{Path(first_dir) / 'text_encoder'}, the path in Settings > One More Step, the local Hugging Face cache "
+        f"{hub_dir} and the WebUI's .safetensors checkpoints); with an SD 2.x checkpoint loaded its own encoder is "
+        "used")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ import gradio as gr
 import torch
 from modules import script_callbacks, scripts, shared
 
+from lib_oms import download, text_encoders
 from lib_oms import modules as oms_modules
-from lib_oms import text_encoders
 from lib_oms.engine import Z_SEED_OFFSET, oms_start
-from lib_oms.errors import OMSError
+from lib_oms.errors import ModuleMissingError, OMSError, TextEncoderMissingError
 from lib_oms.step import skip_reason as start_skip_reason
 from lib_oms.webui_args import (
     ARG_BY_NAME,
@@ -98,6 +98,39 @@ def module_entries() -> list:
 
 def module_choices() -> list[str]:
     return [AUTOMATIC] + [entry.name for entry in module_entries()]
+
+
+def checkpoint_files() -> list[Path]:
+    """The WebUI's checkpoints (an SD 2.x one holds the text encoder the released modules read prompts with)."""
+    from modules import sd_models
+
+    return [Path(info.filename) for info in sd_models.checkpoints_list.values()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Downloads on first use (lib_oms.download)
+
+def download_refused() -> str | None:
+    """Why missing files must not be downloaded, or None: downloading on first use is on by default."""
+    if getattr(shared.cmd_opts, "oms_no_download", False):
+        return "downloading is off (--oms-no-download)"
+    if not option("oms_auto_download", True):
+        return "downloading is off (Settings > One More Step > Download missing OMS files automatically)"
+    return None
+
+
+def show_progress(text: str) -> None:
+    shared.state.textinfo = text  # the WebUI's progress text
+
+
+def found_or_downloaded(find, obtain):
+    """``find()``; when it says a file is missing, ``obtain(missing)`` downloads it (or raises why not), then
+    ``find()`` again."""
+    try:
+        return find()
+    except (ModuleMissingError, TextEncoderMissingError) as missing:
+        obtain(missing, refused=download_refused(), progress=show_progress, should_stop=interrupted)
+        return find()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,16 +291,21 @@ def prepare(p, args: OMSArgs) -> Plan:
     plan.low_vram = bool(getattr(sd_model, "lowvram", False))
     plan.offload = offload_after_use(option("oms_keep_in_vram", True), plan.low_vram, plan.device.type)
     home = torch.device("cpu") if plan.offload else plan.device  # where the module waits between steps
-    # Modules whose names say this latent space are tried first, so "Automatic" loads nothing it does not use.
-    entries = sorted(module_entries(), key=lambda e: oms_modules.latent_space_from_name(e.name) != latent_space)
-    entry = choose_module(args.module, entries, latent_space, option(f"oms_module_{latent_space}", AUTOMATIC),
-                          lambda e: MODULE_CACHE.get(e.path, home, dtype).latent_space, module_dirs())
+    def find_module():
+        # Modules whose names say this latent space are tried first, so "Automatic" loads nothing it does not use.
+        entries = sorted(module_entries(), key=lambda e: oms_modules.latent_space_from_name(e.name) != latent_space)
+        return choose_module(args.module, entries, latent_space, option(f"oms_module_{latent_space}", AUTOMATIC),
+                             lambda e: MODULE_CACHE.get(e.path, home, dtype).latent_space, module_dirs())
+
+    entry = found_or_downloaded(find_module, functools.partial(download.obtain_module, latent_space, module_dirs()[0]))
     plan.module = MODULE_CACHE.get(entry.path, home, dtype)
     plan.module.cuda_graphs = not plan.offload  # a module moved in and out for every step would recapture each time
     oms_modules.check_latent_space(plan.module, latent_space)
-    source = resolve_text_encoder(plan.module.text_encoder, family,
-                                  setting_path=option("oms_text_encoder_path", ""),
-                                  module_dirs=module_dirs(), hub_dir=huggingface_hub_dir())
+    source = found_or_downloaded(
+        lambda: resolve_text_encoder(plan.module.text_encoder, family, setting_path=option("oms_text_encoder_path", ""),
+                                     module_dirs=module_dirs(), hub_dir=huggingface_hub_dir(),
+                                     checkpoints=checkpoint_files()),
+        functools.partial(download.obtain_text_encoder, module_dirs()[0]))
     plan.encoder = load_encoder(plan.module.text_encoder, source, sd_model, home, dtype)
     p.extra_generation_params.update(infotext_params(args, module_label(entry.name, plan.module.short_hash)))
     passes = "; ".join(untouched_passes(job))
@@ -456,6 +494,9 @@ def on_ui_settings():
         add(f"oms_module_{space}", shared.OptionInfo(
             AUTOMATIC, f"Module used for {what} checkpoints when the module is 'Automatic'", gr.Dropdown,
             lambda: {"choices": module_choices()}, refresh=lambda: None, section=section))
+    add("oms_auto_download", shared.OptionInfo(
+        True, "Download missing OMS files automatically (the module for the checkpoint and the SD 2.x text encoder, "
+        "from Hugging Face; --oms-no-download turns this off)", section=section))
     add("oms_text_encoder_path", shared.OptionInfo(
         "", "OpenCLIP ViT-H/14 text encoder: file or folder (blank: automatic search)", section=section))
     add("oms_text_encoder_layer", shared.OptionInfo(

@@ -203,3 +203,29 @@ def diffusers_no_time_unet(config: dict, state_dict: dict):
             full[key] = torch.zeros(tensor.shape, dtype=tensor.dtype)
     model.load_state_dict(full, strict=True, assign=True)
     return model.eval()
+
+
+def write_sparse_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "F16") -> Path:
+    """A .safetensors of full-size shapes whose data is a hole of the file system (no disk is used): for code that
+    reads only headers, e.g. telling an SD 2.x checkpoint (a 1024-wide text tower) from others without real weights."""
+    size = {"F16": 2, "F32": 4}[dtype]
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        count = math.prod(shape) * size
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + count]}
+        offset += count
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little") + raw)
+        handle.truncate(8 + len(raw) + offset)
+    return path
+
+
+def text_tower_shapes(prefix: str, width: int, blocks: int) -> dict[str, tuple[int, ...]]:
+    """The open_clip text-tower tensor names and shapes a header check looks at (one tensor per block suffices)."""
+    shapes = {f"{prefix}token_embedding.weight": (49408, width), f"{prefix}positional_embedding": (77, width)}
+    shapes.update({f"{prefix}transformer.resblocks.{i}.ln_1.weight": (width,) for i in range(blocks)})
+    return shapes

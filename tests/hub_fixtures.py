@@ -1,0 +1,110 @@
+"""Fixture repositories for the fake hub: tiny stand-ins for the released OMS modules, the SD 2.x mirrors' text
+encoder and LAION's open_clip checkpoint, with the neighbouring files (other precisions, pickles, other components)
+that the downloader must leave alone."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import save, save_file
+
+from lib_oms.download import MODULE_REPOS, OPENCLIP_FILE, OPENCLIP_REPO, TEXT_ENCODER_REPOS
+from lib_oms.text_encoders import TowerSpec, clip_text_config
+from tests.factories import random_state_dict, tiny_unet_config, write_released_folder
+
+TINY_H = TowerSpec("tiny OpenCLIP", width=64, layers=3, heads=4, intermediate=256, hidden_act="gelu")
+MODULE_WEIGHTS = "oms_module/diffusion_pytorch_model.fp16.safetensors"
+
+
+def _folder_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@cache
+def module_repo(latent_space: str) -> dict[str, bytes]:
+    """A released-layout module (fp16 and fp32 weights, pointer folders) named as the real repository."""
+    config = tiny_unet_config()
+    name = MODULE_REPOS[latent_space].split("/")[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_released_folder(Path(tmp), name, config, random_state_dict(config, seed=len(latent_space)),
+                                       text_encoder="openclip-h", both_precisions=True)
+        files = _folder_files(folder)
+    return {**files, "README.md": b"# OMS\n"}
+
+
+def _random(shape, generator) -> torch.Tensor:
+    return (0.02 * torch.randn(shape, generator=generator)).contiguous()
+
+
+@cache
+def transformers_tower(seed: int = 3, blocks: int = TINY_H.layers - 1) -> dict[str, torch.Tensor]:
+    """A tiny `CLIPTextModel` state dict (`text_model.*`), one block short as SD 2.x's diffusers text_encoder."""
+    from transformers import CLIPTextModel
+
+    with torch.device("meta"):
+        model = CLIPTextModel(clip_text_config(TINY_H, blocks))
+    generator = torch.Generator().manual_seed(seed)
+    names = {("text_model." + k.removeprefix("text_model.")): v.shape for k, v in model.state_dict().items()
+             if not k.endswith("position_ids")}
+    return {name: _random(shape, generator) for name, shape in names.items()}
+
+
+@cache
+def text_encoder_mirror() -> dict[str, bytes]:
+    """An SD 2.x diffusers repository: the text encoder in fp16 and fp32, a pickle, and other components."""
+    tower = transformers_tower()
+    return {
+        "model_index.json": b'{"_class_name": "StableDiffusionPipeline"}',
+        "text_encoder/config.json": json.dumps({"architectures": ["CLIPTextModel"], "hidden_size": TINY_H.width,
+                                                "num_hidden_layers": TINY_H.layers - 1}).encode(),
+        "text_encoder/model.fp16.safetensors": save({k: v.half() for k, v in tower.items()}),
+        "text_encoder/model.safetensors": save(tower),
+        "text_encoder/pytorch_model.bin": b"a pickle: never fetched",
+        "unet/diffusion_pytorch_model.fp16.safetensors": save({"conv_in.weight": torch.ones(4, 4)}),
+        "tokenizer/vocab.json": b"{}",
+    }
+
+
+@cache
+def openclip_checkpoint() -> dict[str, torch.Tensor]:
+    """A tiny open_clip CLIP state dict: text tower, projections, logit scale and a vision tower between them."""
+    generator = torch.Generator().manual_seed(5)
+    width, hidden = TINY_H.width, TINY_H.intermediate
+    shapes = {"positional_embedding": (77, width), "text_projection": (width, 16), "logit_scale": (),
+              "token_embedding.weight": (49408, width), "ln_final.weight": (width,), "ln_final.bias": (width,),
+              "visual.conv1.weight": (32, 3, 8, 8), "visual.proj": (32, 16), "visual.ln_post.weight": (32,)}
+    for i in range(TINY_H.layers):
+        block = f"transformer.resblocks.{i}."
+        shapes.update({block + "ln_1.weight": (width,), block + "ln_1.bias": (width,),
+                       block + "attn.in_proj_weight": (3 * width, width), block + "attn.in_proj_bias": (3 * width,),
+                       block + "attn.out_proj.weight": (width, width), block + "attn.out_proj.bias": (width,),
+                       block + "ln_2.weight": (width,), block + "ln_2.bias": (width,),
+                       block + "mlp.c_fc.weight": (hidden, width), block + "mlp.c_fc.bias": (hidden,),
+                       block + "mlp.c_proj.weight": (width, hidden), block + "mlp.c_proj.bias": (width,)})
+    return {name: _random(shape, generator) for name, shape in shapes.items()}
+
+
+@cache
+def laion_repo() -> dict[str, bytes]:
+    return {OPENCLIP_FILE: save(openclip_checkpoint()), "open_clip_pytorch_model.bin": b"a pickle: never fetched",
+            "open_clip_config.json": b"{}"}
+
+
+def write_openclip_checkpoint(path: Path) -> Path:
+    save_file(openclip_checkpoint(), str(path))
+    return path
+
+
+def populate(hub, *, mirrors=TEXT_ENCODER_REPOS, laion: bool = True, modules=("sd", "sdxl")):
+    """The fake hub with the released modules, the given SD 2.x mirrors and LAION's repository."""
+    for space in modules:
+        hub.add(MODULE_REPOS[space], module_repo(space))
+    for repo in mirrors:
+        hub.add(repo, text_encoder_mirror())
+    if laion:
+        hub.add(OPENCLIP_REPO, laion_repo())
+    return hub
