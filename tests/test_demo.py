@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from lib_oms.demo import __main__ as demo_cli
 from lib_oms.demo.__main__ import OUTPUT_FILES, main, write_outputs
 from lib_oms.demo.base_training import train_base
 from lib_oms.demo.denoiser import DemoDenoiser, load_denoiser, save_denoiser, sd_alphas_cumprod
@@ -92,6 +94,37 @@ def test_shipped_weights_are_small_safetensors_made_for_the_demo_space():
     encoder = load_text_encoder(MODELS_DIR / TEXT_ENCODER_FILE)
     assert encoder.width == module.config["cross_attention_dim"]
     assert isinstance(load_denoiser(MODELS_DIR / DENOISER_FILE), DemoDenoiser)
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--steps", "0"], "--steps"), (["--images", "0"], "--images"), (["--prompt-seeds", "0"], "--prompt-seeds"),
+    (["--threads", "0"], "--threads"), (["--steps", "-2"], "--steps"), (["--images", "many"], "--images"),
+])
+def test_demo_refuses_bad_values_before_any_work(monkeypatch, capsys, argv, option):
+    monkeypatch.setattr(demo_cli, "load_models", lambda *a: pytest.fail("the demo started working"))
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and f"argument {option}" in capsys.readouterr().err
+
+
+def test_demo_refuses_an_out_that_is_a_file(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(demo_cli, "load_models", lambda *a: pytest.fail("the demo started working"))
+    a_file = tmp_path / "grid.png"
+    a_file.write_bytes(b"x")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(a_file)])
+    assert exit_.value.code == 2 and "is a file" in capsys.readouterr().err
+
+
+def test_demo_help_gives_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    blocks = re.split(r"\n  (?=-)", text.split("options:")[1])[1:]
+    options = [block.split()[0].rstrip(",") for block in blocks]
+    assert options == ["-h", "--out", "--models", "--images", "--steps", "--cfg", "--prompt-seeds", "--seed",
+                       "--threads"]
+    assert all("(default: " in " ".join(block.split()) for block in blocks[1:]), blocks
 
 
 def test_demo_command_line_writes_its_outputs(tmp_path, capsys):

@@ -48,19 +48,38 @@ def write_outputs(result: DemoResult, out: Path, columns: int = 12) -> list[Path
     return paths
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (the parser names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lib_oms.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="outputs/demo", help="folder for the pictures and metrics.json")
+    parser = argparse.ArgumentParser(prog="python -m lib_oms.demo", description=__doc__.split("\n")[0].split(": ")[1],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default="outputs/demo", help="folder for the pictures and metrics.json (only the "
+                        "demo's five files are written there)")
     parser.add_argument("--models", default=str(MODELS_DIR), help="folder of the demo weights")
     defaults = DemoConfig()
-    parser.add_argument("--images", type=int, default=defaults.images, help="captions compared without/with OMS")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="Euler steps")
+    parser.add_argument("--images", type=positive_int, default=defaults.images,
+                        help="captions generated without and with OMS (one seed each)")
+    parser.add_argument("--steps", type=positive_int, default=defaults.steps, help="Euler steps")
     parser.add_argument("--cfg", type=float, default=defaults.cfg, help="the base model's CFG")
-    parser.add_argument("--prompt-seeds", type=int, default=defaults.prompt_seeds)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: these small networks run fastest on one)")
+    parser.add_argument("--prompt-seeds", type=positive_int, default=defaults.prompt_seeds,
+                        help="seeds per prompt for the prompt control and for each OMS CFG of the sweep")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="first seed; image i uses seed + i")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch CPU threads (these small networks run fastest on one)")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"argument --out: {args.out} is a file, not a folder")
+    if not Path(args.models).is_dir():
+        parser.error(f"argument --models: {args.models} is not a folder")
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     models = load_models(args.models)
