@@ -34,7 +34,8 @@ def main() -> int:
             continue
         print(f"huggingface_hub {version}: installing into {folder(version)}")
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        "--target", str(folder(version)), f"huggingface_hub=={version}"], check=True)
+                        "--no-warn-conflicts", "--target", str(folder(version)), f"huggingface_hub=={version}"],
+                       check=True)
     return 0
 
 
