@@ -23,6 +23,7 @@ so a partial or corrupt file is never taken for a module. A lock file keeps two 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import json
@@ -296,19 +297,22 @@ def _open(url: str, begin: int, end: int):
     return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
 
 
+def _stop_if_asked(should_stop: ShouldStop) -> None:
+    if should_stop():
+        raise DownloadError("the download was stopped (Interrupt); the next attempt resumes it")
+
+
 def _append_range(url: str, begin: int, end: int, out, meter: _Meter, should_stop: ShouldStop) -> None:
     """Append bytes [begin, end) of ``url`` to ``out``; a dropped connection resumes at the byte it reached."""
     failures = 0
     while begin < end:
-        if should_stop():
-            raise DownloadError("the download was stopped (Interrupt); the next attempt resumes it")
+        _stop_if_asked(should_stop)
         try:
             with _open(url, begin, end) as response:
                 if response.status != 206:  # the whole file: skip to the byte wanted
                     _skip(response, begin)
                 while begin < end:
-                    if should_stop():
-                        raise DownloadError("the download was stopped (Interrupt); the next attempt resumes it")
+                    _stop_if_asked(should_stop)
                     chunk = response.read(min(CHUNK, end - begin))
                     if not chunk:
                         raise ConnectionError(f"the connection closed at byte {begin} of {end}")
@@ -316,10 +320,10 @@ def _append_range(url: str, begin: int, end: int, out, meter: _Meter, should_sto
                     begin += len(chunk)
                     meter.add(len(chunk))
             out.flush()
-        except urllib.error.HTTPError as error:
-            raise DownloadError(f"{url}: HTTP {error.code} {error.reason}") from error
-        except (OSError, http.client.HTTPException) as error:  # dropped, reset, timed out: resume
+        except (OSError, http.client.HTTPException) as error:  # dropped, reset, timed out, busy server: resume
             out.flush()
+            if isinstance(error, urllib.error.HTTPError) and error.code < 500 and error.code != 429:
+                raise DownloadError(f"{url}: HTTP {error.code} {error.reason}") from error
             failures += 1
             if failures >= ATTEMPTS:
                 raise DownloadError(f"{url}: the connection failed {failures} times ({error}); the bytes fetched so "
@@ -393,7 +397,9 @@ def _check_space(plan: Plan, stage: Path) -> None:
                             f"{plan.folder.parent}, {free / 2**30:.2f} GB free")
 
 
-def _lock(folder: Path, should_stop: ShouldStop):
+@contextlib.contextmanager
+def _locked(folder: Path, should_stop: ShouldStop):
+    """One download of ``folder`` at a time, across threads and processes; waiting can be stopped."""
     from filelock import FileLock, Timeout
 
     (folder.parent / STAGING).mkdir(parents=True, exist_ok=True)
@@ -401,10 +407,14 @@ def _lock(folder: Path, should_stop: ShouldStop):
     while True:
         try:
             lock.acquire(timeout=0.5)
-            return lock
+            break
         except Timeout:
             if should_stop():
                 raise DownloadError(f"stopped while waiting for another download of {folder}") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _check_folder(plan: Plan, stage: Path) -> None:
@@ -444,7 +454,7 @@ def fetch(plan: Plan, *, endpoint: str | None = None, progress: Progress | None 
     endpoint, should_stop = endpoint or default_endpoint(), should_stop or (lambda: False)
     folder = Path(plan.folder)
     stage = folder.parent / STAGING / folder.name
-    with _lock(folder, should_stop):
+    with _locked(folder, should_stop):
         if all((folder / file.target).is_file() for file in plan.files):
             return folder  # placed while this call waited for the lock
         _check_space(plan, stage)

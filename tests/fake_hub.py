@@ -12,8 +12,8 @@ What the hub clients (huggingface_hub 0.25 … 2.x: ``hf_hub_download``, ``snaps
 - ``Range`` requests (206 with ``Content-Range``) on file contents;
 - 404 with ``X-Error-Code`` ``RepoNotFound`` / ``RevisionNotFound`` / ``EntryNotFound``.
 
-Faults, each used once then gone: ``cut`` (send N bytes of a file's content, then drop the connection) and
-``corrupt`` (serve content whose last byte differs from the advertised hash). Every request is logged.
+Faults, each used once then gone: ``cut`` (send N bytes of a file's content, then drop the connection), ``corrupt``
+(serve content whose last byte differs from the advertised hash) and ``busy`` (503). Every request is logged.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class FakeHub:
     requests: list[Request] = field(default_factory=list)
     cut: dict[tuple[str, str], int] = field(default_factory=dict)  # (repo, path) -> bytes sent before the cut
     corrupt: set[tuple[str, str]] = field(default_factory=set)
+    busy: set[tuple[str, str]] = field(default_factory=set)  # answer 503 (try again later) once
     url: str = ""
     cdn_url: str = ""  # the same server under another host name, as the real CDN is another host
 
@@ -210,6 +211,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._error(404, "EntryNotFound", "no such object", body)
 
     def _content(self, key: tuple[str, str], data: bytes, etag: str, body: bool, commit: str | None = None) -> None:
+        if body and key in self.hub.busy:
+            self.hub.busy.discard(key)
+            self._error(503, None, "Service unavailable, try again", body)
+            return
         if body and key in self.hub.corrupt:
             self.hub.corrupt.discard(key)
             data = data[:-1] + bytes([data[-1] ^ 0xFF])

@@ -174,6 +174,15 @@ def test_a_connection_cut_mid_file_resumes(hub, models):
     assert ranges == [f"bytes=0-{len(weights) - 1}", f"bytes=100000-{len(weights) - 1}"]
 
 
+def test_a_busy_server_is_asked_again(hub, models):
+    populate(hub)
+    weights = module_repo("sd")[MODULE_WEIGHTS]
+    hub.busy.add((SD_REPO, MODULE_WEIGHTS))
+    folder = no_bar(download.module_plan("sd", models))
+    assert (folder / MODULE_WEIGHTS).read_bytes() == weights
+    assert len(hub.content_requests("/cdn/" + sha256(weights))) == 2
+
+
 def test_an_interrupted_download_resumes_in_the_next_attempt(hub, models, monkeypatch):
     populate(hub)
     weights = module_repo("sd")[MODULE_WEIGHTS]
