@@ -181,6 +181,8 @@ def test_find_modules(tmp_path, tiny):
     (first / "notes.txt").write_text("x")
     (first / "old.ckpt").write_bytes(b"x")
     (first / ".hidden.safetensors").write_bytes(b"x")
+    (first / "sd21_text_encoder.safetensors").write_bytes(b"x")  # a text encoder placed beside the modules
+    (first / ".oms-download" / "oms_b_openclip_15_21" / "oms_module").mkdir(parents=True)  # a download under way
     found = find_modules([first, second, first, tmp_path / "missing"])
     assert found == [
         ModuleEntry("Alpha", first / "Alpha.safetensors"),
