@@ -8,6 +8,14 @@ import pytest
 import webui_api as api
 
 
+def test_script_is_listed(server):
+    """/sdapi/v1/scripts names the script in both tabs (every WebUI version; script-info fails on A1111 1.6)."""
+    reply = api.get("/sdapi/v1/scripts")
+    assert reply.status == 200, reply.text[:500]
+    for tab in ("txt2img", "img2img"):
+        assert api.SCRIPT_TITLE.lower() in [name.lower() for name in reply.body[tab]], reply.body
+
+
 def test_script_is_listed_with_its_arguments_in_api_order(script_info):
     entries = [s for s in script_info if s["name"] == api.SCRIPT_TITLE.lower()]
     assert {s["is_img2img"] for s in entries} == {False, True}, "expected in both txt2img and img2img"
