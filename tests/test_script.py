@@ -1,7 +1,9 @@
 """The WebUI glue driven as the WebUI drives it (fake ``modules``, tiny random OMS modules, a fake text encoder)."""
 
+import gc
 import math
 import sys
+import weakref
 import zlib
 
 import pytest
@@ -334,6 +336,35 @@ def test_configuration_errors_stop_the_generation(monkeypatch, oms_dir, args, er
     with pytest.raises(error, match=words):
         webui.run(p, args)
     assert webui.errors == [] and p.extra_generation_params == {}
+
+
+@pytest.mark.parametrize("with_hook", [True, False])
+def test_a_failed_load_keeps_nothing_it_loaded(monkeypatch, oms_dir, with_hook):
+    """process() keeps the error until the first noise draw; its traceback would keep the failed loader's frames and
+    their tensors (1.9 GB for a real text encoder) alive in a reference cycle with ``p`` until a full collection."""
+    webui = make_webui(monkeypatch, oms_dir, with_hook=with_hook)
+    loaded = []
+
+    def read_then_fail(source, **_kwargs):
+        weights = torch.ones(1000)  # what a real loader has read when it fails (torch 2.0's missing assign)
+        loaded.append(weakref.ref(weights))
+        try:
+            raise TypeError("load_state_dict() got an unexpected keyword argument 'assign'")
+        except TypeError as error:
+            raise TextEncoderError(f"{source}: cannot be loaded ({error})") from error
+
+    monkeypatch.setattr(webui.script_module.text_encoders, "load_openclip_text_encoder", read_then_fail)
+    gc.disable()  # only reference counting frees: what a server between full collections does
+    try:
+        with pytest.raises(TextEncoderError) as raised:
+            webui.run(txt2img(), ON)
+        assert loaded and loaded[0]() is None, "the loaded tensors outlived the failed request"
+    finally:
+        gc.enable()
+    source = oms_dir / "text_encoder"
+    assert str(raised.value) == f"{source}: cannot be loaded (load_state_dict() got an unexpected keyword argument " \
+                                "'assign')"
+    assert raised.value.__cause__ is None and raised.value.__context__ is None
 
 
 def test_missing_module_and_text_encoder_say_what_to_do(monkeypatch, tmp_path, oms_dir):
