@@ -23,6 +23,7 @@ from tests.webui_fakes import (
     KDiffusionSampler,
     StableDiffusionProcessingImg2Img,
     StableDiffusionProcessingTxt2Img,
+    add_xyz_script,
     install,
     randn_local,
 )
@@ -421,18 +422,9 @@ def test_settings_and_callbacks_registered(webui):
     assert all(info.kwargs["section"] == ("oms", "One More Step") for info in added.values())
 
 
-class AxisOption:
-    def __init__(self, label, type, apply, confirm=None, choices=None, cost=0.0, **kwargs):
-        self.label, self.type, self.apply, self.confirm, self.choices = label, type, apply, confirm, choices
-
-
 @pytest.fixture
 def xyz(webui):
-    import types
-    module = types.SimpleNamespace(AxisOption=AxisOption, axis_options=[AxisOption("Seed", int, None)])
-    data = types.SimpleNamespace(script_class=type("Script", (), {"__module__": "xyz_grid.py"}), module=module)
-    webui.modules["scripts"].scripts_data.append(data)
-    return module
+    return add_xyz_script(webui)
 
 
 def test_xyz_axes_registered_once(webui, xyz):
