@@ -415,6 +415,8 @@ class OneMoreStepScript(scripts.Script):
 
     def process(self, p, *args):
         p._oms_plan = None
+        for key in infotext_keys():  # X/Y/Z cells share one extra_generation_params: drop another cell's keys
+            p.extra_generation_params.pop(key, None)
         overrides = getattr(p, "_oms_xyz", {})
         if not requested(args, overrides):
             return

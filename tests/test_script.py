@@ -452,6 +452,43 @@ def test_xyz_cells_override_the_ui(webui, xyz):
     assert cell.extra_generation_params == {}
 
 
+def xyz_axes(webui, xyz):
+    webui.script_module.register_xyz_axes()
+    return {opt.label: opt for opt in xyz.axis_options}
+
+
+@pytest.mark.parametrize("order", [["False", "True"], ["True", "False"]])
+def test_xyz_cells_describe_only_themselves_in_either_order(webui, xyz, order):
+    """X/Y/Z cells are shallow copies of one p sharing its extra_generation_params: an off cell made after an on cell
+    must not carry the on cell's keys (OMS, module, prompt, CFG, solver, first pass only)."""
+    args = [False, "Automatic", "night", "", 1.5, "DDIM"]
+    p = txt2img(seeds=[1], enable_hr=True)
+    cells = webui.xyz_grid(p, args, (xyz_axes(webui, xyz)["[OMS] Enabled"], order))
+    on = webui.run(txt2img(seeds=[1], enable_hr=True), [True, *args[1:]])[0]
+    for ix, enabled in enumerate(order):
+        start, infotext = cells[ix, 0]
+        if enabled == "True":
+            assert torch.equal(start, on)
+            assert {k: infotext[k] for k in ("OMS", "OMS prompt", "OMS CFG", "OMS solver", "OMS first pass only")} \
+                == {"OMS": True, "OMS prompt": "night", "OMS CFG": 1.5, "OMS solver": "DDIM",
+                    "OMS first pass only": "hires fix second pass"}
+        else:
+            assert torch.equal(start, unit_noise([1]) * SIGMA_MAX)
+            assert infotext == {}, f"cell {ix} ({enabled}) carries {infotext}"
+
+
+def test_xyz_enabled_by_cfg_cells_each_say_their_own_cfg(webui, xyz):
+    axes = xyz_axes(webui, xyz)
+    cells = webui.xyz_grid(txt2img(seeds=[4]), OFF, (axes["[OMS] Enabled"], ["False", "True"]),
+                           (axes["[OMS] CFG"], [1.0, 2.0]))
+    for iy, cfg in enumerate([1.0, 2.0]):
+        off_start, off_infotext = cells[0, iy]
+        assert off_infotext == {} and torch.equal(off_start, unit_noise([4]) * SIGMA_MAX)
+        on_start, on_infotext = cells[1, iy]
+        assert on_infotext["OMS"] is True and on_infotext["OMS CFG"] == cfg
+        assert torch.equal(on_start, webui.run(txt2img(seeds=[4]), [True, "Automatic", "", "", cfg, "SDE"])[0])
+
+
 def test_checkpoint_change_drops_caches(webui):
     webui.run(txt2img(), ON)
     assert webui.script_module.ENCODER_CACHE
