@@ -110,6 +110,36 @@ def test_server_still_generates_after_an_error(generate, oms_on):
     assert api.same_pixels(again.images[0], oms_on.images[0])
 
 
+def test_failed_loads_release_what_they_read(generate, oms_on):
+    """Three OMS requests that fail after reading a whole module leave the server's memory where it was, and the
+    server still makes the normal OMS image.
+
+    The harness must place ``models/oms/broken_for_tests.safetensors``: the OMS-B test module's weights (the
+    ``oms_module/diffusion_pytorch_model.safetensors`` of ``oms_b_openclip_15_21``, 616 MB in fp32) saved as one
+    lone .safetensors with NaN written into one tensor, no sidecar (the config is inferred from the shapes). Its
+    header passes every check, so each request reads all 616 MB before the NaN is found: the point where the
+    extension used to keep the failed loader's frames, and so those tensors, alive in a reference cycle until a full
+    garbage collection (1.9 GB per failed request on A1111 1.6). Bound: 300 MB over three requests, under half of
+    what one request kept; the first failing request is not counted (the allocator's pools may grow once for good).
+    """
+    body = api.payload({"enabled": True, "module": api.BROKEN_MODULE})
+
+    def fail():
+        reply = api.request("POST", "/sdapi/v1/txt2img", body)
+        assert reply.status >= 400 and "NaN" in reply.text, (
+            f"expected the NaN error of models/oms/{api.BROKEN_MODULE}.safetensors (placed by the harness), got "
+            f"HTTP {reply.status}: {reply.text[:1000]}")
+
+    fail()
+    before = api.server_rss()
+    for _ in range(3):
+        fail()
+    grown = api.server_rss() - before
+    assert grown < 300 * 2**20, f"the server grew by {grown / 2**20:.0f} MB over three failed requests"
+    again = generate(api.payload(api.positional_args(enabled=True)), fresh=True)
+    assert api.same_pixels(again.images[0], oms_on.images[0])
+
+
 def test_batch_of_two_equals_two_single_images(generate, oms_on, baseline):
     seed = api.BASE_PAYLOAD["seed"]
     batch = generate(api.payload({"enabled": True}, batch_size=2))
