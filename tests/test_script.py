@@ -20,6 +20,7 @@ from tests.webui_fakes import (
     CompVisSampler,
     FakeSDModel,
     FlowSampler,
+    ImageRNG,
     KDiffusionSampler,
     StableDiffusionProcessingImg2Img,
     StableDiffusionProcessingTxt2Img,
@@ -207,6 +208,68 @@ def test_batch_equals_single_images(webui):
     assert torch.allclose(batch, torch.cat(singles), atol=1e-5)
     again = webui.run(txt2img(seeds=[21, 22], prompts=prompts), ON)[0]
     assert torch.equal(batch, again)
+
+
+def variation_txt2img(seed=5, subseed=9, strength=0.5, resize=(0, 0), batch_size=1):
+    """A request with the WebUI's seed extras; its seeds are derived by the run as process_images_inner does."""
+    return txt2img(seeds=[], batch_size=batch_size, prompts=["a dark alley"] * batch_size, seed=seed, subseed=subseed,
+                   subseed_strength=strength, seed_resize_from_h=resize[0], seed_resize_from_w=resize[1])
+
+
+def image_rng_draw(seeds, subseeds, strength, resize=(0, 0), offset=0, shape=(4, 5, 6)):
+    """The first draw of the WebUI's ImageRNG for these seeds and variation seeds, both shifted by ``offset``."""
+    return ImageRNG(shape, [s + offset for s in seeds], subseeds=[s + offset for s in subseeds],
+                    subseed_strength=strength, seed_resize_from_h=resize[0], seed_resize_from_w=resize[1]).next()
+
+
+@pytest.mark.parametrize("strength, resize", [(0.5, (0, 0)), (0.5, (64, 32)), (0.0, (64, 32)), (1.0, (0, 0))])
+def test_z_follows_variation_seed_and_seed_resize_as_the_webui_noise_does(webui, oms_dir, strength, resize):
+    """z (the SDE solver's fresh noise) is drawn by the WebUI's own ImageRNG from seed and variation seed shifted by
+    Z_SEED_OFFSET: variation strength and "resize seed from" change it as they change the WebUI's noise."""
+    start = webui.run(variation_txt2img(strength=strength, resize=resize), ON)[0]
+    noise = image_rng_draw([5], [9], strength, resize)
+    z = image_rng_draw([5], [9], strength, resize, offset=Z_SEED_OFFSET)
+    x0 = expected_x0(oms_dir, "oms_tiny_15_21", noise, ["a dark alley"])
+    assert torch.allclose(start, x0 + SIGMA_MAX * z, atol=1e-4)
+    plain_z, plain_noise = fresh_z([5]), unit_noise([5])
+    assert not torch.allclose(z, noise, atol=0.5)  # never the WebUI's own draw
+    z_change = float((z - plain_z).norm() / plain_z.norm())
+    noise_change = float((noise - plain_noise).norm() / plain_noise.norm())
+    assert noise_change > 0.3 and 0.5 < z_change / noise_change < 2, (z_change, noise_change)
+
+
+def test_variation_batch_gives_each_image_its_own_z(webui, oms_dir):
+    """Under a variation strength A1111 gives every image of the batch the same seed; only the variation seed counts
+    up. z must follow it, or the batch comes out as near-duplicates."""
+    p = variation_txt2img(batch_size=2)
+    batch = webui.run(p, ON)[0]
+    assert p.all_seeds == [5, 5] and p.all_subseeds == [9, 10]
+    z = (batch - expected_x0(oms_dir, "oms_tiny_15_21", image_rng_draw([5, 5], [9, 10], 0.5), ["a dark alley"] * 2))
+    z = z / SIGMA_MAX
+    assert torch.allclose(z, image_rng_draw([5, 5], [9, 10], 0.5, offset=Z_SEED_OFFSET), atol=1e-5)
+    assert float((z[0] - z[1]).norm() / z[0].norm()) > 0.3
+    second_alone = webui.run(variation_txt2img(subseed=10), ON)[0]
+    assert torch.allclose(batch[1:], second_alone, atol=1e-5)
+
+
+def test_without_variation_z_is_the_seed_draw_of_before(webui, oms_dir):
+    """Strength 0 gives exactly randn_local(seed + Z_SEED_OFFSET) per image, as before (the real ImageRNG's first
+    draw at strength 0 equals randn_local(seed) for every noise source): existing images stay reproducible."""
+    start = webui.run(variation_txt2img(strength=0.0, batch_size=2), ON)[0]
+    x0 = expected_x0(oms_dir, "oms_tiny_15_21", unit_noise([5, 6]), ["a dark alley"] * 2)
+    assert torch.allclose(start, x0 + SIGMA_MAX * fresh_z([5, 6]), atol=1e-4)
+
+
+@pytest.mark.parametrize("with_hook", [True, False])
+def test_drawing_z_leaves_the_global_generator_as_the_webui_left_it(monkeypatch, oms_dir, with_hook):
+    """The WebUI's randn() reseeds torch's global generator, which later code may draw from (Forge's DDPM sampler
+    does): OMS's side draw of z must put it back."""
+    webui = make_webui(monkeypatch, oms_dir, with_hook=with_hook)
+    states = []
+    for args in (OFF, ON):
+        webui.run(variation_txt2img(batch_size=2), args)
+        states.append(torch.get_rng_state())
+    assert torch.equal(states[0], states[1])
 
 
 def test_each_image_reads_its_own_cleaned_prompt_or_the_oms_prompt(webui):

@@ -197,13 +197,14 @@ class ImageRNG:
         delta = sys.modules["modules.shared"].opts.eta_noise_seed_delta  # as the real one reads it
         if delta:
             self.generators = [create_generator(seed + delta) for seed in self.seeds]
-        return torch.stack(images)
+        return torch.stack(images).to(sys.modules["modules.shared"].device)
 
     def next(self):
         self.draws += 1
         if self.draws == 1:
             return self.first()
-        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(
+            sys.modules["modules.shared"].device)
 
 
 class FakeSDModel:
@@ -295,6 +296,7 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
     shared.cmd_opts = types.SimpleNamespace(oms_models_dir=None)
     shared.state = types.SimpleNamespace(interrupted=False, skipped=False)
     shared.sd_model = FakeSDModel()
+    shared.device = torch.device("cpu")  # where ImageRNG's draws go
     subs["paths"].models_path = str(models_path)
     processing = subs["processing"]
     processing.StableDiffusionProcessingTxt2Img = StableDiffusionProcessingTxt2Img
