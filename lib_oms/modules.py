@@ -2,7 +2,8 @@
 
 Two layouts load (README decision 7): the released folder (``model_index.json``, ``oms_module/config.json``,
 ``oms_module/diffusion_pytorch_model[.fp16].safetensors``) and a lone ``.safetensors``. Every bad input raises
-ModuleFileError naming the file and the remedy before any tensor is read; weights are read with safetensors only.
+ModuleFileError naming the file and the remedy before any tensor is read (except NaN or infinite values, which only
+the read tensors show, refused before the network is built); weights are read with safetensors only.
 """
 
 from __future__ import annotations
@@ -376,7 +377,12 @@ def load_module(path, device="cpu", dtype: torch.dtype = torch.float32) -> OMSMo
     latent_space, text_encoder = _describe(
         name, [(sidecar, sidecar_path), (index, index_path), (header.metadata, weights)], config["cross_attention_dim"]
     )
-    tensors = {key: value.to(dtype) for key, value in load_file(str(weights)).items()}
+    tensors = load_file(str(weights))
+    not_finite = [key for key, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
+    if not_finite:
+        raise ModuleFileError(f"{weights}: tensor '{not_finite[0]}' holds NaN or infinite values ({len(not_finite)} "
+                              "such tensor(s)): the file is corrupt; download or re-save it.")
+    tensors = {key: value.to(dtype) for key, value in tensors.items()}
     unet = OMSUNet.from_state_dict(config, tensors).eval().requires_grad_(False).to(device)
     return OMSModule(name, root, weights, config, unet, latent_space, text_encoder, short_hash(weights))
 

@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 
 from .errors import TextEncoderError
+from .unet import load_into_meta
 
 MAX_LENGTH = 77
 BOS_ID = 49406  # <start_of_text>
@@ -436,7 +437,7 @@ def _load_text_model(
     state = _bare_state(tensors.read(names), tower)
     # A copy even when device and dtype match: the WebUI patches its own weights in place (LoRA).
     weights = {model_names[bare]: t.to(device=device, dtype=dtype, copy=True) for bare, t in state.items()}
-    model.load_state_dict(weights, strict=False, assign=True)
+    load_into_meta(model, weights, strict=False)  # strict=False: position_ids, a buffer, is rebuilt below
     embeddings = getattr(model, "text_model", model).embeddings
     embeddings.position_ids = torch.arange(spec.max_positions, device=device).expand(1, -1)
     return model.eval().requires_grad_(False)

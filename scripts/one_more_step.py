@@ -295,12 +295,33 @@ def on_device(plan: Plan):
             devices.torch_gc()
 
 
-def fresh_noise(seeds, shape, device) -> torch.Tensor:
-    """z of the SDE solver: one draw per image from seed + Z_SEED_OFFSET (the WebUI's RNG source setting applies;
-    the WebUI's own noise stream is not touched, so a batch equals the same images made one by one)."""
+@contextlib.contextmanager
+def global_generators_kept():
+    """The WebUI's randn() reseeds torch's global generators (and the one of its NV source), which later code may
+    draw from (Forge's DDPM sampler does): a side draw puts them back as the WebUI left them."""
     from modules import rng
 
-    return torch.stack([rng.randn_local(int(seed) + Z_SEED_OFFSET, tuple(shape)).to(device) for seed in seeds])
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    nv_rng = getattr(rng, "nv_rng", None)
+    with torch.random.fork_rng(devices=cuda):
+        yield
+    if nv_rng is not None:
+        rng.nv_rng = nv_rng
+
+
+def fresh_noise(p, shape, device) -> torch.Tensor:
+    """z of the SDE solver, drawn by the WebUI's own ImageRNG as it draws this batch's noise, with seeds and variation
+    seeds shifted by Z_SEED_OFFSET: the RNG source, variation seed / strength and "resize seed from" apply, z is never
+    the WebUI's own draw, and each image's z depends on its own seeds (a batch equals the images made one by one).
+    At variation strength 0 it is randn_local(seed + Z_SEED_OFFSET), as before."""
+    from modules import rng
+
+    seeds = [int(seed) + Z_SEED_OFFSET for seed in p.seeds]
+    subseeds = None if p.subseeds is None else [int(seed) + Z_SEED_OFFSET for seed in p.subseeds]
+    with global_generators_kept():
+        draw = rng.ImageRNG(tuple(shape), seeds, subseeds=subseeds, subseed_strength=p.subseed_strength,
+                            seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w).next()
+    return draw.to(device)
 
 
 def interrupted() -> bool:
@@ -319,7 +340,7 @@ def corrected_noise(p, plan: Plan, noise: torch.Tensor) -> torch.Tensor | None:
     prompts = oms_prompts(args.prompt, list(p.prompts), p.steps)
     negative = clean_prompt(args.negative_prompt, p.steps)
     unit = noise.float()
-    z = fresh_noise(p.seeds, unit.shape[1:], unit.device) if args.engine_solver == "sde" else None
+    z = fresh_noise(p, unit.shape[1:], unit.device) if args.engine_solver == "sde" else None
     with on_device(plan):
         out = oms_start(plan.module, plan.encoder, unit, prompts, start=start, cfg=args.cfg,
                         negative_prompt=negative, solver=args.engine_solver, z=z)
@@ -343,6 +364,14 @@ class FirstDraw:
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+def without_frames(error: Exception) -> Exception:
+    """``error`` as the user will see it (its type and message) without its traceback and chained errors: kept until
+    the first noise draw, those would hold the failed load's frames and their tensors in a reference cycle with
+    ``p`` that only a full garbage collection frees (1.9 GB per failed request with a real text encoder)."""
+    error.__cause__ = error.__context__ = None
+    return error.with_traceback(None)
 
 
 def raise_error(error: Exception, _x):
@@ -407,6 +436,8 @@ class OneMoreStepScript(scripts.Script):
 
     def process(self, p, *args):
         p._oms_plan = None
+        for key in infotext_keys():  # X/Y/Z cells share one extra_generation_params: drop another cell's keys
+            p.extra_generation_params.pop(key, None)
         overrides = getattr(p, "_oms_xyz", {})
         if not requested(args, overrides):
             return
@@ -416,7 +447,7 @@ class OneMoreStepScript(scripts.Script):
                 p._oms_plan = prepare(p, oms_args)
         except Exception as error:  # raised from the first noise draw: the WebUI swallows errors of process()
             log(f"error: {error}")
-            p._oms_plan = Plan(OMSArgs(), None, error=error)
+            p._oms_plan = Plan(OMSArgs(), None, error=without_frames(error))
 
     def process_batch(self, p, *args, **kwargs):
         plan = getattr(p, "_oms_plan", None)

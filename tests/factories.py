@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lib_oms.unet import OMSUNet, normalize_unet_config, parameter_shapes
+from lib_oms.unet import OMSUNet, load_into_meta, normalize_unet_config, parameter_shapes
 
 # The released oms_module/config.json of h1t/oms_b_openclip_15_21 (method-and-weights.md §2.2).
 OMS_B_CONFIG = {
@@ -201,5 +201,4 @@ def diffusers_no_time_unet(config: dict, state_dict: dict):
         else:
             assert "time" in key, f"diffusers has a non-time parameter we lack: {key}"
             full[key] = torch.zeros(tensor.shape, dtype=tensor.dtype)
-    model.load_state_dict(full, strict=True, assign=True)
-    return model.eval()
+    return load_into_meta(model, full, strict=True).eval()

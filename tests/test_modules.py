@@ -445,3 +445,19 @@ def test_not_a_module_file(tmp_path, no_heavy_work):
     path.write_text("x")
     with raises_naming(path, "expected a .safetensors file or a module folder"):
         load_module(path)
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite(tmp_path, tiny, monkeypatch, fp16, bad):
+    """A corrupt file whose header is sound: only its values tell, so the check runs on the read tensors, before the
+    network is built (in the WebUI, NaN weights would otherwise surface as the WebUI's own NaN error in its UNet)."""
+    config, state = tiny
+    key = "up_blocks.1.attentions.0.proj_out.weight"
+    broken = {**state, key: state[key].clone().index_fill_(0, torch.tensor([3]), bad)}
+    folder = write_released_folder(tmp_path, "m", config, broken, fp16=fp16)
+    monkeypatch.setattr(modules.OMSUNet, "from_state_dict", lambda *a, **k: pytest.fail("built from bad weights"))
+    weights = folder / "oms_module" / ("diffusion_pytorch_model.fp16.safetensors" if fp16 else "diffusion_pytorch_model"
+                                       ".safetensors")
+    with raises_naming(weights, f"tensor '{key}' holds NaN or infinite values"):
+        load_module(folder, dtype=torch.float16 if fp16 else torch.float32)

@@ -1,7 +1,9 @@
 """The WebUI glue driven as the WebUI drives it (fake ``modules``, tiny random OMS modules, a fake text encoder)."""
 
+import gc
 import math
 import sys
+import weakref
 import zlib
 
 import pytest
@@ -18,9 +20,11 @@ from tests.webui_fakes import (
     CompVisSampler,
     FakeSDModel,
     FlowSampler,
+    ImageRNG,
     KDiffusionSampler,
     StableDiffusionProcessingImg2Img,
     StableDiffusionProcessingTxt2Img,
+    add_xyz_script,
     install,
     randn_local,
 )
@@ -206,6 +210,68 @@ def test_batch_equals_single_images(webui):
     assert torch.equal(batch, again)
 
 
+def variation_txt2img(seed=5, subseed=9, strength=0.5, resize=(0, 0), batch_size=1):
+    """A request with the WebUI's seed extras; its seeds are derived by the run as process_images_inner does."""
+    return txt2img(seeds=[], batch_size=batch_size, prompts=["a dark alley"] * batch_size, seed=seed, subseed=subseed,
+                   subseed_strength=strength, seed_resize_from_h=resize[0], seed_resize_from_w=resize[1])
+
+
+def image_rng_draw(seeds, subseeds, strength, resize=(0, 0), offset=0, shape=(4, 5, 6)):
+    """The first draw of the WebUI's ImageRNG for these seeds and variation seeds, both shifted by ``offset``."""
+    return ImageRNG(shape, [s + offset for s in seeds], subseeds=[s + offset for s in subseeds],
+                    subseed_strength=strength, seed_resize_from_h=resize[0], seed_resize_from_w=resize[1]).next()
+
+
+@pytest.mark.parametrize("strength, resize", [(0.5, (0, 0)), (0.5, (64, 32)), (0.0, (64, 32)), (1.0, (0, 0))])
+def test_z_follows_variation_seed_and_seed_resize_as_the_webui_noise_does(webui, oms_dir, strength, resize):
+    """z (the SDE solver's fresh noise) is drawn by the WebUI's own ImageRNG from seed and variation seed shifted by
+    Z_SEED_OFFSET: variation strength and "resize seed from" change it as they change the WebUI's noise."""
+    start = webui.run(variation_txt2img(strength=strength, resize=resize), ON)[0]
+    noise = image_rng_draw([5], [9], strength, resize)
+    z = image_rng_draw([5], [9], strength, resize, offset=Z_SEED_OFFSET)
+    x0 = expected_x0(oms_dir, "oms_tiny_15_21", noise, ["a dark alley"])
+    assert torch.allclose(start, x0 + SIGMA_MAX * z, atol=1e-4)
+    plain_z, plain_noise = fresh_z([5]), unit_noise([5])
+    assert not torch.allclose(z, noise, atol=0.5)  # never the WebUI's own draw
+    z_change = float((z - plain_z).norm() / plain_z.norm())
+    noise_change = float((noise - plain_noise).norm() / plain_noise.norm())
+    assert noise_change > 0.3 and 0.5 < z_change / noise_change < 2, (z_change, noise_change)
+
+
+def test_variation_batch_gives_each_image_its_own_z(webui, oms_dir):
+    """Under a variation strength A1111 gives every image of the batch the same seed; only the variation seed counts
+    up. z must follow it, or the batch comes out as near-duplicates."""
+    p = variation_txt2img(batch_size=2)
+    batch = webui.run(p, ON)[0]
+    assert p.all_seeds == [5, 5] and p.all_subseeds == [9, 10]
+    z = (batch - expected_x0(oms_dir, "oms_tiny_15_21", image_rng_draw([5, 5], [9, 10], 0.5), ["a dark alley"] * 2))
+    z = z / SIGMA_MAX
+    assert torch.allclose(z, image_rng_draw([5, 5], [9, 10], 0.5, offset=Z_SEED_OFFSET), atol=1e-5)
+    assert float((z[0] - z[1]).norm() / z[0].norm()) > 0.3
+    second_alone = webui.run(variation_txt2img(subseed=10), ON)[0]
+    assert torch.allclose(batch[1:], second_alone, atol=1e-5)
+
+
+def test_without_variation_z_is_the_seed_draw_of_before(webui, oms_dir):
+    """Strength 0 gives exactly randn_local(seed + Z_SEED_OFFSET) per image, as before (the real ImageRNG's first
+    draw at strength 0 equals randn_local(seed) for every noise source): existing images stay reproducible."""
+    start = webui.run(variation_txt2img(strength=0.0, batch_size=2), ON)[0]
+    x0 = expected_x0(oms_dir, "oms_tiny_15_21", unit_noise([5, 6]), ["a dark alley"] * 2)
+    assert torch.allclose(start, x0 + SIGMA_MAX * fresh_z([5, 6]), atol=1e-4)
+
+
+@pytest.mark.parametrize("with_hook", [True, False])
+def test_drawing_z_leaves_the_global_generator_as_the_webui_left_it(monkeypatch, oms_dir, with_hook):
+    """The WebUI's randn() reseeds torch's global generator, which later code may draw from (Forge's DDPM sampler
+    does): OMS's side draw of z must put it back."""
+    webui = make_webui(monkeypatch, oms_dir, with_hook=with_hook)
+    states = []
+    for args in (OFF, ON):
+        webui.run(variation_txt2img(batch_size=2), args)
+        states.append(torch.get_rng_state())
+    assert torch.equal(states[0], states[1])
+
+
 def test_each_image_reads_its_own_cleaned_prompt_or_the_oms_prompt(webui):
     encoder = webui.script_module.ENCODER_CACHE
     webui.run(txt2img(seeds=[1, 2], prompts=["(dark:1.3) cave <lora:x:1>", "[snow|ice] field"]), ON)
@@ -336,6 +402,35 @@ def test_configuration_errors_stop_the_generation(monkeypatch, oms_dir, args, er
     assert webui.errors == [] and p.extra_generation_params == {}
 
 
+@pytest.mark.parametrize("with_hook", [True, False])
+def test_a_failed_load_keeps_nothing_it_loaded(monkeypatch, oms_dir, with_hook):
+    """process() keeps the error until the first noise draw; its traceback would keep the failed loader's frames and
+    their tensors (1.9 GB for a real text encoder) alive in a reference cycle with ``p`` until a full collection."""
+    webui = make_webui(monkeypatch, oms_dir, with_hook=with_hook)
+    loaded = []
+
+    def read_then_fail(source, **_kwargs):
+        weights = torch.ones(1000)  # what a real loader has read when it fails (torch 2.0's missing assign)
+        loaded.append(weakref.ref(weights))
+        try:
+            raise TypeError("load_state_dict() got an unexpected keyword argument 'assign'")
+        except TypeError as error:
+            raise TextEncoderError(f"{source}: cannot be loaded ({error})") from error
+
+    monkeypatch.setattr(webui.script_module.text_encoders, "load_openclip_text_encoder", read_then_fail)
+    gc.disable()  # only reference counting frees: what a server between full collections does
+    try:
+        with pytest.raises(TextEncoderError) as raised:
+            webui.run(txt2img(), ON)
+        assert loaded and loaded[0]() is None, "the loaded tensors outlived the failed request"
+    finally:
+        gc.enable()
+    source = oms_dir / "text_encoder"
+    assert str(raised.value) == f"{source}: cannot be loaded (load_state_dict() got an unexpected keyword argument " \
+                                "'assign')"
+    assert raised.value.__cause__ is None and raised.value.__context__ is None
+
+
 def test_missing_module_and_text_encoder_say_what_to_do(monkeypatch, tmp_path, oms_dir):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     folder = tmp_path / "oms"
@@ -390,18 +485,9 @@ def test_settings_and_callbacks_registered(webui):
     assert all(info.kwargs["section"] == ("oms", "One More Step") for info in added.values())
 
 
-class AxisOption:
-    def __init__(self, label, type, apply, confirm=None, choices=None, cost=0.0, **kwargs):
-        self.label, self.type, self.apply, self.confirm, self.choices = label, type, apply, confirm, choices
-
-
 @pytest.fixture
 def xyz(webui):
-    import types
-    module = types.SimpleNamespace(AxisOption=AxisOption, axis_options=[AxisOption("Seed", int, None)])
-    data = types.SimpleNamespace(script_class=type("Script", (), {"__module__": "xyz_grid.py"}), module=module)
-    webui.modules["scripts"].scripts_data.append(data)
-    return module
+    return add_xyz_script(webui)
 
 
 def test_xyz_axes_registered_once(webui, xyz):
@@ -427,6 +513,43 @@ def test_xyz_cells_override_the_ui(webui, xyz):
     axes["[OMS] Enabled"].apply(cell, "False", None)
     webui.run(cell, ON)
     assert cell.extra_generation_params == {}
+
+
+def xyz_axes(webui, xyz):
+    webui.script_module.register_xyz_axes()
+    return {opt.label: opt for opt in xyz.axis_options}
+
+
+@pytest.mark.parametrize("order", [["False", "True"], ["True", "False"]])
+def test_xyz_cells_describe_only_themselves_in_either_order(webui, xyz, order):
+    """X/Y/Z cells are shallow copies of one p sharing its extra_generation_params: an off cell made after an on cell
+    must not carry the on cell's keys (OMS, module, prompt, CFG, solver, first pass only)."""
+    args = [False, "Automatic", "night", "", 1.5, "DDIM"]
+    p = txt2img(seeds=[1], enable_hr=True)
+    cells = webui.xyz_grid(p, args, (xyz_axes(webui, xyz)["[OMS] Enabled"], order))
+    on = webui.run(txt2img(seeds=[1], enable_hr=True), [True, *args[1:]])[0]
+    for ix, enabled in enumerate(order):
+        start, infotext = cells[ix, 0]
+        if enabled == "True":
+            assert torch.equal(start, on)
+            assert {k: infotext[k] for k in ("OMS", "OMS prompt", "OMS CFG", "OMS solver", "OMS first pass only")} \
+                == {"OMS": True, "OMS prompt": "night", "OMS CFG": 1.5, "OMS solver": "DDIM",
+                    "OMS first pass only": "hires fix second pass"}
+        else:
+            assert torch.equal(start, unit_noise([1]) * SIGMA_MAX)
+            assert infotext == {}, f"cell {ix} ({enabled}) carries {infotext}"
+
+
+def test_xyz_enabled_by_cfg_cells_each_say_their_own_cfg(webui, xyz):
+    axes = xyz_axes(webui, xyz)
+    cells = webui.xyz_grid(txt2img(seeds=[4]), OFF, (axes["[OMS] Enabled"], ["False", "True"]),
+                           (axes["[OMS] CFG"], [1.0, 2.0]))
+    for iy, cfg in enumerate([1.0, 2.0]):
+        off_start, off_infotext = cells[0, iy]
+        assert off_infotext == {} and torch.equal(off_start, unit_noise([4]) * SIGMA_MAX)
+        on_start, on_infotext = cells[1, iy]
+        assert on_infotext["OMS"] is True and on_infotext["OMS CFG"] == cfg
+        assert torch.equal(on_start, webui.run(txt2img(seeds=[4]), [True, "Automatic", "", "", cfg, "SDE"])[0])
 
 
 def test_checkpoint_change_drops_caches(webui):

@@ -21,9 +21,7 @@ def gpu_webui(monkeypatch, models, **opts):
     devices.device = CUDA
     devices.get_device_for = lambda task: CUDA
     devices.dtype_unet = torch.float16
-    webui.modules["rng"].randn_local = lambda seed, shape: webui_fakes.randn_local(seed, shape).to(CUDA)
-    monkeypatch.setattr(webui_fakes.ImageRNG, "next", lambda self: torch.stack(
-        [torch.randn(self.shape, generator=g) for g in self.generators]).to(CUDA))
+    webui.modules["shared"].device = CUDA  # ImageRNG moves its draws there (the fake draws them on the CPU)
     monkeypatch.setattr(ts, "SHARED_MODULES", ts.ModuleCache())
     monkeypatch.setattr(webui.script_module, "MODULE_CACHE", ts.SHARED_MODULES)
     return webui

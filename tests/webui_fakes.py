@@ -1,13 +1,16 @@
 """A minimal stand-in for the WebUI's ``modules`` package (and gradio), injected into ``sys.modules``.
 
 Enough of A1111 1.6–1.10 for ``scripts/one_more_step.py`` to be imported and driven as the WebUI drives it:
-``run(...)`` follows ``process_images_inner`` (process → per batch: new ImageRNG, process_batch, first draw, hook,
-sampler scaling) and swallows script errors the way ``ScriptRunner`` does. Samplers scale the start noise exactly
-as webui.md §2.1/§2.2/§2.8 describe, so tests can check the latent a sampler really starts from.
+``run(...)`` follows ``process_images_inner`` (seeds → process → per batch: new ImageRNG, process_batch, first draw,
+hook, sampler scaling, infotext) and swallows script errors the way ``ScriptRunner`` does; ``xyz_grid(...)`` makes
+cells as ``scripts/xyz_grid.py`` does. Samplers scale the start noise exactly as webui.md §2.1/§2.2/§2.8 describe, so
+tests can check the latent a sampler really starts from. ``modules.rng`` behaves as the real one on the CPU: seeds,
+variation seeds (slerp), seed resize, and the global reseeding its ``randn`` does.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 import types
@@ -120,21 +123,88 @@ def setup_img2img_steps(p, steps=None):
     return requested, int(min(p.denoising_strength, 0.999) * requested)
 
 
-class ImageRNG:
-    """modules.rng.ImageRNG: the first draw is one seeded unit Gaussian per image, later draws continue the streams."""
+def manual_seed(seed):
+    torch.manual_seed(int(seed))
 
-    def __init__(self, shape, seeds):
-        self.shape, self.seeds = shape, seeds
-        self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-        self.draws = 0
 
-    def next(self):
-        self.draws += 1
-        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+def randn(seed, shape, generator=None):
+    """modules.rng.randn: reseeds the global generator with ``seed`` (a side effect), then draws from ``generator``
+    or, without one, from the global generator."""
+    manual_seed(seed)
+    return torch.randn(shape, generator=generator)
 
 
 def randn_local(seed, shape):
     return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
+
+
+def create_generator(seed):
+    return torch.Generator().manual_seed(int(seed))
+
+
+def slerp(t, low, high):
+    """modules.rng.slerp: spherical interpolation from ``low`` (t = 0) to ``high`` (t = 1) with the angle taken along
+    dim 1; nearly parallel inputs get the WebUI's linear fallback, whose weights are the other way round."""
+    cos = ((low / low.norm(dim=1, keepdim=True)) * (high / high.norm(dim=1, keepdim=True))).sum(dim=1)
+    if cos.mean() > 0.9995:
+        return t * low + (1 - t) * high
+    angle = torch.acos(cos)
+    weight_low = (torch.sin((1.0 - t) * angle) / torch.sin(angle)).unsqueeze(1)
+    weight_high = (torch.sin(t * angle) / torch.sin(angle)).unsqueeze(1)
+    return weight_low * low + weight_high * high
+
+
+def paste_centred(small, big):
+    """``big`` with ``small`` laid over its centre on the last two axes; where ``small`` is larger, its centre is
+    cropped symmetrically (so with an odd difference one edge row or column of ``big`` stays, as in the WebUI)."""
+    target, source = [slice(None)], [slice(None)]
+    for small_size, big_size in zip(small.shape[1:], big.shape[1:], strict=True):
+        offset = (big_size - small_size) // 2
+        length = small_size if offset >= 0 else small_size + 2 * offset
+        target.append(slice(max(offset, 0), max(offset, 0) + length))
+        source.append(slice(max(-offset, 0), max(-offset, 0) + length))
+    big[tuple(target)] = small[tuple(source)]
+    return big
+
+
+class ImageRNG:
+    """modules.rng.ImageRNG: the first draw is each image's seeded unit Gaussian, slerped toward its variation seed's
+    by ``subseed_strength`` and, with "resize seed from", drawn at that size and laid over the centre of a draw of the
+    real size; later draws continue each image's stream (restarted from seed + eta noise seed delta if set)."""
+
+    def __init__(self, shape, seeds, subseeds=None, subseed_strength=0.0, seed_resize_from_h=0, seed_resize_from_w=0):
+        self.shape = tuple(int(n) for n in shape)
+        self.seeds, self.subseeds, self.subseed_strength = seeds, subseeds, subseed_strength
+        self.seed_resize_from_h, self.seed_resize_from_w = seed_resize_from_h, seed_resize_from_w
+        self.generators = [create_generator(seed) for seed in seeds]
+        self.draws = 0
+
+    def first(self):
+        resized = self.seed_resize_from_h > 0 and self.seed_resize_from_w > 0
+        drawn = (self.shape[0], int(self.seed_resize_from_h) // 8, int(self.seed_resize_from_w) // 8) if resized \
+            else self.shape
+        images = []
+        for i, (seed, generator) in enumerate(zip(self.seeds, self.generators, strict=True)):
+            variation = None
+            if self.subseeds is not None and self.subseed_strength != 0:
+                variation = randn(self.subseeds[i] if i < len(self.subseeds) else 0, drawn)
+            noise = randn(seed, drawn) if drawn != self.shape else randn(seed, self.shape, generator=generator)
+            if variation is not None:
+                noise = slerp(self.subseed_strength, noise, variation)
+            if drawn != self.shape:
+                noise = paste_centred(noise, randn(seed, self.shape, generator=generator))
+            images.append(noise)
+        delta = sys.modules["modules.shared"].opts.eta_noise_seed_delta  # as the real one reads it
+        if delta:
+            self.generators = [create_generator(seed + delta) for seed in self.seeds]
+        return torch.stack(images).to(sys.modules["modules.shared"].device)
+
+    def next(self):
+        self.draws += 1
+        if self.draws == 1:
+            return self.first()
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(
+            sys.modules["modules.shared"].device)
 
 
 class FakeSDModel:
@@ -157,7 +227,13 @@ class Processing:
     sd_model: object = None
     prompt: str = "a dark alley"
     all_prompts: list = field(default_factory=list)
+    seed: int = 11
+    subseed: int = 1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = 0
+    seed_resize_from_w: int = 0
     all_seeds: list = field(default_factory=list)
+    all_subseeds: list = field(default_factory=list)
     batch_size: int = 1
     steps: int = 20
     width: int = 48
@@ -215,16 +291,18 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
         setattr(callbacks, f"on_{name}", callbacks.registered[name].append)
     shared = subs["shared"]
     shared.opts = Opts(**{"randn_source": "GPU", "sd_noise_schedule": "Default", "sgm_noise_multiplier": False,
-                          "img2img_extra_noise": 0.0, **(opts or {})})
+                          "img2img_extra_noise": 0.0, "eta_noise_seed_delta": 0, **(opts or {})})
     shared.OptionInfo = OptionInfo
     shared.cmd_opts = types.SimpleNamespace(oms_models_dir=None)
     shared.state = types.SimpleNamespace(interrupted=False, skipped=False)
     shared.sd_model = FakeSDModel()
+    shared.device = torch.device("cpu")  # where ImageRNG's draws go
     subs["paths"].models_path = str(models_path)
     processing = subs["processing"]
     processing.StableDiffusionProcessingTxt2Img = StableDiffusionProcessingTxt2Img
     processing.StableDiffusionProcessingImg2Img = StableDiffusionProcessingImg2Img
-    subs["rng"].randn_local = randn_local
+    for function in (randn, randn_local, manual_seed, create_generator, slerp, ImageRNG):
+        setattr(subs["rng"], function.__name__, function)
     devices = subs["devices"]
     devices.device = devices.cpu = torch.device("cpu")
     devices.dtype_unet = torch.float32
@@ -252,6 +330,7 @@ class WebUI:
     modules: dict
     script_module: types.ModuleType
     errors: list = field(default_factory=list)  # what ScriptRunner would have reported (and swallowed)
+    infotexts: list = field(default_factory=list)  # each image's generation parameters from the script, in order
 
     @property
     def opts(self):
@@ -272,15 +351,21 @@ class WebUI:
         script = self.script()
         with_hook = hasattr(self.modules["scripts"].Script, "process_before_every_sampling")
         p.script_args = tuple(args)
+        images = p.batch_size * batches
         if not p.all_prompts:
-            p.all_prompts = [p.prompt] * (p.batch_size * batches)
+            p.all_prompts = [p.prompt] * images
+        if not p.all_seeds:  # with a variation strength every image keeps the seed and only the subseed counts up
+            p.all_seeds = [int(p.seed) + (i if p.subseed_strength == 0 else 0) for i in range(images)]
+        if not p.all_subseeds:
+            p.all_subseeds = [int(p.subseed) + i for i in range(images)]
         self._call(script.process, p, *args)
         starts = []
         for n in range(batches):
-            p.prompts = p.all_prompts[n * p.batch_size:(n + 1) * p.batch_size]
-            p.seeds = p.all_seeds[n * p.batch_size:(n + 1) * p.batch_size]
+            batch = slice(n * p.batch_size, (n + 1) * p.batch_size)
+            p.prompts, p.seeds, p.subseeds = p.all_prompts[batch], p.all_seeds[batch], p.all_subseeds[batch]
             shape = (p.sd_model.latent_channels, p.height // 8, p.width // 8)
-            p.rng = ImageRNG(shape, p.seeds)
+            p.rng = ImageRNG(shape, p.seeds, subseeds=p.subseeds, subseed_strength=p.subseed_strength,
+                             seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w)
             self._call(script.process_batch, p, *args, batch_number=n, prompts=p.prompts, seeds=p.seeds)
             x = p.rng.next()  # not wrapped: an exception here reaches the user
             if with_hook:
@@ -291,7 +376,41 @@ class WebUI:
                            p.init_latent, noise=noise, c=None, uc=None)
                 x = noise
             starts.append(p.sampler.start(p, x, self.opts))
+            # create_infotext, once per image after its batch: the script's keys whose value is not None
+            self.infotexts += [{k: v for k, v in p.extra_generation_params.items() if v is not None} for _ in p.seeds]
         return starts
+
+    def xyz_grid(self, p, args, x_axis, y_axis=None) -> dict:
+        """scripts/xyz_grid.py: each cell is a shallow ``copy(p)`` (so every cell shares p's
+        ``extra_generation_params`` dict) with the axes applied, made in its default order (y outer, x inner).
+        ``x_axis`` / ``y_axis``: (AxisOption, values). Returns {(ix, iy): (start, infotext of its image)}."""
+        x_option, xs = x_axis
+        y_option, ys = y_axis or (None, [None])
+        cells = {}
+        for iy, y in enumerate(ys):
+            for ix, x in enumerate(xs):
+                cell = copy.copy(p)
+                x_option.apply(cell, x, xs)
+                if y_option is not None:
+                    y_option.apply(cell, y, ys)
+                cells[ix, iy] = (self.run(cell, args)[0], self.infotexts[-1])
+        return cells
+
+
+class AxisOption:
+    """scripts/xyz_grid.py's AxisOption: ``apply(p, value, values)`` sets a cell's value on its copy of ``p``."""
+
+    def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
+        self.label, self.type, self.apply, self.confirm, self.choices, self.cost = (
+            label, type, apply, confirm, choices, cost)
+
+
+def add_xyz_script(webui: WebUI) -> types.SimpleNamespace:
+    """The X/Y/Z plot script as the extension finds it in ``scripts.scripts_data``; returns its module."""
+    module = types.SimpleNamespace(AxisOption=AxisOption, axis_options=[AxisOption("Seed", int, None)])
+    data = types.SimpleNamespace(script_class=type("Script", (), {"__module__": "xyz_grid.py"}), module=module)
+    webui.modules["scripts"].scripts_data.append(data)
+    return module
 
 
 def install(monkeypatch, models_path: Path, *, with_hook: bool = True, opts: dict | None = None) -> WebUI:

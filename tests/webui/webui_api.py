@@ -35,6 +35,8 @@ AXIS_ENABLED = "[OMS] Enabled"
 
 # The released SD1.x/SD2.x module name the test server holds (random weights, released folder layout).
 DEFAULT_MODULE = os.environ.get("SD_WEBUI_OMS_MODULE", "oms_b_openclip_15_21")
+# A module the harness makes corrupt on purpose (see test_failed_loads_release_what_they_read).
+BROKEN_MODULE = "broken_for_tests"
 
 BASE_PAYLOAD = {
     "prompt": "a photo of a cat in a dark room",
@@ -83,6 +85,13 @@ def request(method: str, path: str, payload: dict | None = None) -> Reply:
 
 def get(path: str) -> Reply:
     return request("GET", path)
+
+
+def server_rss() -> int:
+    """The server process's resident memory in bytes (GET /sdapi/v1/memory: ram.used is psutil's RSS)."""
+    reply = get("/sdapi/v1/memory")
+    assert reply.status == 200 and "used" in reply.body.get("ram", {}), reply.text[:500]
+    return int(reply.body["ram"]["used"])
 
 
 def positional_args(**values) -> list:
