@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import webui_api as api
 
-
 # The smoke set every WebUI of the CI matrix runs (tests/webui/harness/matrix.py; A1111 1.10.1 runs everything):
 # listed, off bit-identical, on applied with its infotext, one k-diffusion and one DDIM-type sampler, errors, memory.
 SMOKE = {
@@ -26,12 +25,15 @@ SMOKE = {
     "test_bad_argument_is_an_error_response_naming_the_field[missing-module]",
     "test_bad_argument_is_an_error_response_naming_the_field[cfg-not-a-number]",
     "test_server_still_generates_after_an_error",
+    "test_failed_loads_release_what_they_read",
 }
 # Added for Forge and reForge, whose X/Y/Z script is their own copy.
 XYZ = {
     "test_oms_axes_are_offered",
     "test_xyz_plot_over_oms_cfg",
     "test_xyz_plot_over_oms_enabled",
+    "test_xyz_off_cell_after_an_on_cell_carries_no_oms_infotext",
+    "test_xyz_enabled_by_cfg_cells_describe_themselves",
 }
 
 

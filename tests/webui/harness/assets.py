@@ -7,7 +7,8 @@
 - ``oms/``: what the tests expect in ``<webui>/models/oms/``: a random OMS-B module in the released folder layout
   (``oms_b_openclip_15_21``), two small OMS-S modules (``oms_s_sd15_test`` for the module argument,
   ``oms_s_openclip_xl_test`` for the wrong-latent-space error) and a random OpenCLIP ViT-H/14 text encoder in
-  SD 2.x's ``text_encoder`` layout.
+  SD 2.x's ``text_encoder`` layout; ``broken_for_tests.safetensors``, a lone OMS-B file with a NaN weight, which
+  loads completely before it is refused (the memory test of failed requests needs such a late failure).
 - ``extra_oms/``: a folder for ``--oms-models-dir`` holding ``oms_s_extra_dir_test``.
 """
 
@@ -20,7 +21,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from build import REPO, log
 
 sys.path.insert(0, str(REPO))
@@ -31,6 +31,7 @@ CLIP_L_REVISION = "0" * 40  # any commit name: the cache is only read offline
 MODULE_NAME = "oms_b_openclip_15_21"
 CHECKPOINT_NAME = "sd15_random.safetensors"
 EXTRA_MODULE_NAME = "oms_s_extra_dir_test"
+BROKEN_MODULE_NAME = "broken_for_tests"
 # name -> (OMS-S or OMS-B, latent space, folder under assets/)
 MODULES = {
     MODULE_NAME: ("oms-b", "sd", "oms"),
@@ -109,6 +110,12 @@ def make_oms_folders(assets: Path) -> tuple[Path, Path]:
             save_module(module, random_state_dict(config, seed=seed), config, latent_space=latent_space,
                         text_encoder="openclip-h", fp16=True)
     oms = assets / "oms"
+    broken = oms / f"{BROKEN_MODULE_NAME}.safetensors"
+    if not broken.is_file():
+        log(f"making the module with a NaN weight {broken}")
+        state = random_state_dict(oms_b_config(), seed=3)  # fp32: 616 MB read before the NaN is found
+        state["conv_out.weight"][0, 0, 0, 0] = float("nan")
+        save_file(state, str(broken))
     encoder = oms / "text_encoder"
     if not (encoder / "model.safetensors").is_file():
         log(f"making the random OpenCLIP ViT-H/14 text encoder {encoder}")

@@ -126,7 +126,8 @@ def build_env(work: Path, name: str) -> Path:
     if env.base:
         base_site = site_packages(env_dir(work, env.base))
         # addsitedir also reads the base's own .pth files, so layers chain (reforge -> a1111 -> .venv)
-        (site_packages(folder) / "_oms_harness_base.pth").write_text(f"import site; site.addsitedir({str(base_site)!r})\n")
+        pth = site_packages(folder) / "_oms_harness_base.pth"
+        pth.write_text(f"import site; site.addsitedir({str(base_site)!r})\n")
     req_file = folder / "requirements-harness.txt"
     req_file.write_text("\n".join(recipe["requirements"]) + "\n")
     run([env_python(work, name), "-m", "pip", "install", "-q", "--no-cache-dir", "-r", req_file])

@@ -37,7 +37,7 @@ def main() -> None:
     model = instantiate_from_config(config.model)
     generator = torch.Generator().manual_seed(args.seed + 1)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() > 1 and not param.any():
                 param.normal_(0.0, 0.02, generator=generator)
     state = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
