@@ -1,9 +1,10 @@
 """One More Step (Hu et al., CVPR 2024) in the AUTOMATIC1111 WebUI 1.6–1.10, Forge and reForge.
 
 Thin glue: it reads the WebUI's objects into plain values for ``lib_oms.webui_logic`` / ``lib_oms.webui_args`` and
-hands the start noise to ``lib_oms.engine.oms_start``. The hook is chosen once, at import:
-``process_before_every_sampling`` edits the noise in place where it exists (A1111 ≥ 1.10, Forge, reForge); older
-WebUIs get a ``p.rng`` wrapper from ``process_batch`` whose first draw is corrected.
+hands the start noise to ``lib_oms.engine.oms_start``. The step is done in a ``p.rng`` wrapper installed by
+``process_batch``, whose first draw (the start noise) is corrected, on every WebUI: an error raised there stops the
+generation, whereas A1111 ≥ 1.10, Forge and reForge only report errors of ``process_before_every_sampling`` and
+would go on to make an image without OMS.
 """
 
 import contextlib
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 import torch
+from fastapi.exceptions import HTTPException
 from modules import script_callbacks, scripts, shared
 
 from lib_oms import modules as oms_modules
@@ -62,8 +64,6 @@ from lib_oms.webui_logic import (
 
 TITLE = "One More Step"
 EXTENSION_DIR = Path(__file__).resolve().parents[1]
-# A1111 >= 1.10, Forge and reForge call this hook with the start noise; older WebUIs get the p.rng wrapper.
-HAS_SAMPLING_HOOK = hasattr(scripts.Script, "process_before_every_sampling")
 AXIS_PREFIX = "[OMS]"
 
 MODULE_CACHE = oms_modules.ModuleCache()
@@ -72,6 +72,23 @@ ENCODER_CACHE: dict[tuple, text_encoders.PromptEmbeddingCache] = {}
 
 def log(message: str) -> None:
     print(f"[{TITLE}] {message}")
+
+
+class RequestRefused(HTTPException):
+    """An OMS error in what was asked for (an argument, a missing or unfit file). The WebUI's API answers with an
+    exception's ``status_code`` attribute and prints no traceback for an HTTPException: this is HTTP 422 with the
+    message, like the API's own checks of a request. Other errors (bugs, out of memory) stay 500 with a traceback."""
+
+    def __init__(self, error: OMSError):
+        super().__init__(status_code=422, detail=str(error))
+        self.error = error
+
+    def __str__(self):
+        return self.detail
+
+
+def refusal(error: Exception) -> Exception:
+    return RequestRefused(error) if isinstance(error, OMSError) else error
 
 
 def option(key: str, default):
@@ -329,7 +346,8 @@ def corrected_noise(p, plan: Plan, noise: torch.Tensor) -> torch.Tensor | None:
 
 
 class FirstDraw:
-    """Wraps ``p.rng`` (WebUI 1.6–1.9, and errors everywhere): the first ``next()`` goes through ``fn``."""
+    """Wraps ``p.rng``: the first ``next()`` (the start noise of the batch) goes through ``fn``; what ``fn`` raises
+    stops the generation on every WebUI."""
 
     def __init__(self, inner, fn):
         self.inner, self.fn, self.done = inner, fn, False
@@ -346,13 +364,16 @@ class FirstDraw:
 
 
 def raise_error(error: Exception, _x):
-    raise error
+    raise refusal(error) from error
 
 
 def correct_first_draw(p, plan: Plan, x: torch.Tensor) -> torch.Tensor:
     if interrupted():
         return x
-    out = corrected_noise(p, plan, x)
+    try:
+        out = corrected_noise(p, plan, x)
+    except OMSError as error:
+        raise refusal(error) from error
     return x if out is None else out
 
 
@@ -424,23 +445,8 @@ class OneMoreStepScript(scripts.Script):
             return
         if plan.error is not None:
             p.rng = FirstDraw(p.rng, functools.partial(raise_error, plan.error))
-        elif plan.module is not None and not HAS_SAMPLING_HOOK:
+        elif plan.module is not None:
             p.rng = FirstDraw(p.rng, functools.partial(correct_first_draw, p, plan))
-
-    def process_before_every_sampling(self, p, *args, **kwargs):
-        plan = getattr(p, "_oms_plan", None)
-        if plan is None or plan.module is None or getattr(p, "is_hr_pass", False) or interrupted():
-            return
-        noise = kwargs.get("noise")
-        if not isinstance(noise, torch.Tensor):
-            return
-        try:
-            out = corrected_noise(p, plan, noise)
-        except Exception as error:  # the WebUI only reports it: say in the infotext that OMS did not run
-            say_skipped(p, plan, f"error: {error}")
-            raise
-        if out is not None:
-            noise.copy_(out)  # in place: A1111 keeps using its own reference to this tensor
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,9 +18,11 @@ from tests.webui_fakes import (
     CompVisSampler,
     FakeSDModel,
     FlowSampler,
+    HTTPException,
     KDiffusionSampler,
     StableDiffusionProcessingImg2Img,
     StableDiffusionProcessingTxt2Img,
+    api_error,
     install,
     randn_local,
 )
@@ -186,12 +188,13 @@ def test_old_webui_rng_wrapper_gives_the_same_start(monkeypatch, oms_dir):
     assert p.rng.draws == 1  # the WebUI's own stream was drawn once, as without OMS
 
 
-def test_hook_is_chosen_once_at_import(monkeypatch, oms_dir):
-    assert make_webui(monkeypatch, oms_dir, with_hook=True).script_module.HAS_SAMPLING_HOOK
-    webui = make_webui(monkeypatch, oms_dir, with_hook=False)
+@pytest.mark.parametrize("with_hook", [True, False])
+def test_the_step_is_done_at_the_first_noise_draw_on_every_webui(monkeypatch, oms_dir, with_hook):
+    """Where a raise propagates (the hook's errors are only reported by the WebUI 1.10+ ScriptRunner)."""
+    webui = make_webui(monkeypatch, oms_dir, with_hook=with_hook)
     p = txt2img()
     webui.run(p, ON)
-    assert isinstance(p.rng, webui.script_module.FirstDraw)
+    assert isinstance(p.rng, webui.script_module.FirstDraw) and p.rng.done
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,10 +241,6 @@ def test_hires_and_refiner_passes_are_said(webui, capsys):
     assert p.extra_generation_params["OMS"] is True
     assert p.extra_generation_params["OMS first pass only"] == "hires fix second pass; refiner"
     assert "OMS skipped" not in p.extra_generation_params
-    noise = torch.ones(1, 4, 5, 6)
-    p.is_hr_pass = True
-    webui.script().process_before_every_sampling(p, *ON, x=noise, noise=noise)
-    assert torch.equal(noise, torch.ones(1, 4, 5, 6))
     out = capsys.readouterr().out
     assert out.count("the hires fix second pass; refiner continue from it") == 1 and "skipped" not in out
 
@@ -331,8 +330,11 @@ def test_other_img2img_is_skipped(webui, change):
 def test_configuration_errors_stop_the_generation(monkeypatch, oms_dir, args, error, words, with_hook):
     webui = make_webui(monkeypatch, oms_dir, with_hook=with_hook)
     p = txt2img()
-    with pytest.raises(error, match=words):
+    with pytest.raises(HTTPException) as raised:
         webui.run(p, args)
+    assert isinstance(raised.value.error, error) and words in str(raised.value)
+    answer = api_error(raised.value)  # a user error: HTTP 422 with the message, no traceback in the console
+    assert answer.status == 422 and not answer.traceback_printed and words in answer.body["detail"]
     assert webui.errors == [] and p.extra_generation_params == {}
 
 
@@ -342,10 +344,12 @@ def test_missing_module_and_text_encoder_say_what_to_do(monkeypatch, tmp_path, o
     folder.mkdir()
     (folder / "oms_tiny_15_21").symlink_to(oms_dir / "oms_tiny_15_21")
     webui = make_webui(monkeypatch, folder)
-    with pytest.raises(ModuleFileError, match="h1t/oms_b_openclip_xl"):
+    with pytest.raises(HTTPException, match="h1t/oms_b_openclip_xl") as raised:
         webui.run(txt2img(sd_model=FakeSDModel("sdxl")), ON)
-    with pytest.raises(TextEncoderError, match="stable-diffusion-2-1"):
+    assert isinstance(raised.value.error, ModuleFileError)
+    with pytest.raises(HTTPException, match="stable-diffusion-2-1") as raised:
         webui.run(txt2img(), ON)
+    assert isinstance(raised.value.error, TextEncoderError)
 
 
 def test_sd2_and_sdxl_use_the_checkpoint_text_encoder(webui, tmp_path):
@@ -356,14 +360,23 @@ def test_sd2_and_sdxl_use_the_checkpoint_text_encoder(webui, tmp_path):
     assert webui.loaded_encoders == {"openclip-h": [checkpoint], "sdxl-mixclip": [checkpoint]}
 
 
-def test_sampling_errors_are_said_in_the_infotext(webui, monkeypatch):
+@pytest.mark.parametrize("with_hook", [True, False])
+@pytest.mark.parametrize("failure, status", [(RuntimeError("out of memory"), 500),
+                                             (TextEncoderError("the text encoder gives 1024-wide features"), 422)])
+def test_errors_during_sampling_stop_the_generation(monkeypatch, oms_dir, with_hook, failure, status):
+    """No image without OMS when OMS was asked for: on 1.10+ the WebUI swallows errors of its sampling hook."""
+    webui = make_webui(monkeypatch, oms_dir, with_hook=with_hook)
+
     def broken(*args, **kwargs):
-        raise RuntimeError("out of memory")
+        raise failure
     monkeypatch.setattr(webui.script_module, "oms_start", broken)
     p = txt2img()
-    webui.run(p, ON)
-    assert isinstance(webui.errors[0], RuntimeError)
-    assert p.extra_generation_params == {"OMS skipped": "error: out of memory"}
+    with pytest.raises(Exception) as raised:
+        webui.run(p, ON)
+    answer = api_error(raised.value)
+    assert str(failure) in str(raised.value) and answer.status == status
+    assert answer.traceback_printed == (status == 500)  # a bug or out of memory: the console has the details
+    assert webui.errors == [] and "OMS skipped" not in p.extra_generation_params
 
 
 # ---------------------------------------------------------------------------------------------------------------

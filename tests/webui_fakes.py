@@ -49,6 +49,44 @@ def make_gradio():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# fastapi (the WebUI's API server)
+
+class HTTPException(Exception):
+    """fastapi.exceptions.HTTPException (starlette's): the status and detail are instance attributes."""
+
+    def __init__(self, status_code, detail=None, headers=None):
+        self.status_code, self.detail, self.headers = status_code, detail, headers
+
+    def __str__(self):
+        return f"{self.status_code}: {self.detail}"
+
+
+def make_fastapi():
+    fastapi = types.ModuleType("fastapi")
+    fastapi.__path__ = []
+    exceptions = types.ModuleType("fastapi.exceptions")
+    exceptions.HTTPException = fastapi.HTTPException = HTTPException
+    fastapi.exceptions = exceptions
+    return {"fastapi": fastapi, "fastapi.exceptions": exceptions}
+
+
+@dataclass
+class APIError:
+    status: int
+    traceback_printed: bool
+    body: dict
+
+
+def api_error(error: Exception) -> APIError:
+    """What the WebUI's API answers for an exception raised while generating (modules/api/api.py,
+    handle_exception): the status is the exception's ``status_code`` instance attribute, else 500, and the
+    traceback is printed to the console unless the exception is an HTTPException."""
+    body = {"error": type(error).__name__, "detail": vars(error).get("detail", ""),
+            "body": vars(error).get("body", ""), "errors": str(error)}
+    return APIError(vars(error).get("status_code", 500), not isinstance(error, HTTPException), body)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # modules.*
 
 class Opts:
@@ -299,6 +337,8 @@ def install(monkeypatch, models_path: Path, *, with_hook: bool = True, opts: dic
     fresh, as the WebUI loads it."""
     package, subs = make_modules(models_path, with_hook=with_hook, opts=opts)
     monkeypatch.setitem(sys.modules, "gradio", make_gradio())
+    for name, module in make_fastapi().items():
+        monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setitem(sys.modules, "modules", package)
     for name, module in subs.items():
         monkeypatch.setitem(sys.modules, f"modules.{name}", module)
