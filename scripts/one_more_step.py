@@ -275,10 +275,8 @@ def prepare(p, args: OMSArgs) -> Plan:
     plan.low_vram = bool(getattr(sd_model, "lowvram", False))
     plan.offload = offload_after_use(option("oms_keep_in_vram", True), plan.low_vram, plan.device.type)
     home = torch.device("cpu") if plan.offload else plan.device  # where the module waits between steps
-    # Modules whose names say this latent space are tried first, so "Automatic" loads nothing it does not use.
-    entries = sorted(module_entries(), key=lambda e: oms_modules.latent_space_from_name(e.name) != latent_space)
-    entry = choose_module(args.module, entries, latent_space, option(f"oms_module_{latent_space}", AUTOMATIC),
-                          lambda e: MODULE_CACHE.get(e.path, home, dtype).latent_space, module_dirs())
+    entry = choose_module(args.module, module_entries(), latent_space, option(f"oms_module_{latent_space}", AUTOMATIC),
+                          lambda e: oms_modules.describe_module(e.path)[0], module_dirs())
     plan.module = MODULE_CACHE.get(entry.path, home, dtype)
     plan.module.cuda_graphs = not plan.offload  # a module moved in and out for every step would recapture each time
     oms_modules.check_latent_space(plan.module, latent_space)

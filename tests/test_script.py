@@ -11,7 +11,7 @@ from lib_oms.engine import Z_SEED_OFFSET
 from lib_oms.errors import LatentSpaceError, ModuleFileError, OMSError, TextEncoderError
 from lib_oms.modules import ModuleCache
 from lib_oms.webui_args import ARGS, ArgumentError
-from tests.factories import random_state_dict, tiny_unet_config, write_released_folder
+from tests.factories import random_state_dict, tiny_unet_config, write_lone_safetensors, write_released_folder
 from tests.webui_fakes import (
     ROOT,
     SIGMA_MAX,
@@ -391,6 +391,34 @@ def test_ui_components_follow_the_argument_order(webui):
     params = {"OMS": "True", "OMS module": "oms_tiny_xl [0123456789]", "OMS CFG": "2.5"}
     assert [fn(params) for _, fn in script.infotext_fields] == [True, "oms_tiny_xl", "", "", 2.5, None]
     assert script.title() == "One More Step" and script.show(True) is webui.modules["scripts"].AlwaysVisible
+
+
+def test_automatic_loads_only_the_module_it_chooses(monkeypatch, tmp_path):
+    """A text-encoder file beside the modules is not offered; the latent space of each candidate is read from its
+    files' descriptions (sidecar, model_index), not by loading it onto the device."""
+    import lib_oms.modules as oms_modules
+
+    folder = tmp_path / "oms"
+    config = tiny_unet_config()
+    write_released_folder(folder, "aaa_unnamed", config, random_state_dict(config, seed=1))
+    (folder / "aaa_unnamed.json").write_text('{"latent_space": "sd", "text_encoder": "openclip-h"}')
+    write_released_folder(folder, "bbb_unnamed", config, random_state_dict(config, seed=2), latent_space="sdxl",
+                          text_encoder="sdxl-mixclip")
+    write_lone_safetensors(folder / "sd21_text_encoder.safetensors", {"text_model.x": torch.zeros(2)})
+    webui = make_webui(monkeypatch, folder)
+    monkeypatch.setattr(webui.script_module, "MODULE_CACHE", ModuleCache())
+    loaded = []
+    real_load = oms_modules.load_module
+    monkeypatch.setattr(oms_modules, "load_module", lambda path, *a, **k: loaded.append(path.name) or real_load(
+        path, *a, **k))
+    assert webui.script_module.module_choices() == ["Automatic", "aaa_unnamed", "bbb_unnamed"]
+    (tmp_path / "xl.safetensors").write_bytes(b"x")
+    p = txt2img(sd_model=FakeSDModel("sdxl", checkpoint=str(tmp_path / "xl.safetensors")))
+    webui.run(p, ON)
+    assert loaded == ["bbb_unnamed"] and p.extra_generation_params["OMS module"].startswith("bbb_unnamed [")
+    p = txt2img()
+    webui.run(p, ON)
+    assert loaded == ["bbb_unnamed", "aaa_unnamed"] and p.extra_generation_params["OMS module"].startswith("aaa_")
 
 
 def test_settings_and_callbacks_registered(webui):
