@@ -9,6 +9,7 @@ would go on to make an image without OMS.
 
 import contextlib
 import functools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,8 +67,11 @@ TITLE = "One More Step"
 EXTENSION_DIR = Path(__file__).resolve().parents[1]
 AXIS_PREFIX = "[OMS]"
 
+# Neither cache is dropped when a model loads: modules and file-based text encoders do not depend on the checkpoint
+# (the SDXL refiner reloads two models every generation), and an encoder read from a checkpoint is kept under it.
 MODULE_CACHE = oms_modules.ModuleCache()
-ENCODER_CACHE: dict[tuple, text_encoders.PromptEmbeddingCache] = {}
+ENCODER_CACHE: OrderedDict[tuple, text_encoders.PromptEmbeddingCache] = OrderedDict()
+ENCODERS_KEPT = 2  # OpenCLIP-H's text tower is 0.7 GB in fp16, SDXL's two text towers 1.6 GB
 
 
 def log(message: str) -> None:
@@ -188,7 +192,7 @@ def sampler_start(p, job: Job):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading (cached; dropped when the checkpoint changes)
+# Loading (cached across model loads: see MODULE_CACHE)
 
 def device_and_dtype():
     from modules import devices
@@ -213,10 +217,20 @@ def checkpoint_text_weights(sd_model, kind: str):
     return unwrap_hijacked_keys(live)
 
 
+def checkpoint_identity(sd_model) -> tuple:
+    """What tells one checkpoint's weights from another's: its file, and the file's size and time."""
+    filename = getattr(getattr(sd_model, "sd_checkpoint_info", None), "filename", "") or ""
+    path = Path(filename)
+    stat = path.stat() if filename and path.is_file() else None
+    return (filename, stat.st_size, stat.st_mtime_ns) if stat else (filename,)
+
+
 def load_encoder(kind: str, source: EncoderSource, sd_model, home, dtype) -> text_encoders.PromptEmbeddingCache:
-    """The text encoder behind a prompt cache, loaded once per checkpoint and kept at ``home`` between steps."""
+    """The text encoder behind a prompt cache, loaded once (once per checkpoint when read from the checkpoint) and
+    kept at ``home`` between steps; the least recently used encoders beyond ENCODERS_KEPT are dropped."""
     layer = option("oms_text_encoder_layer", text_encoders.LAYERS[0])
-    key = (kind, source, layer, dtype)
+    checkpoint = checkpoint_identity(sd_model) if source.origin == "checkpoint" else None
+    key = (kind, source, checkpoint, layer, dtype)
     if key not in ENCODER_CACHE:
         weights = checkpoint_text_weights(sd_model, kind) if source.origin == "checkpoint" else source.path
         if kind == OPENCLIP_H:
@@ -225,13 +239,11 @@ def load_encoder(kind: str, source: EncoderSource, sd_model, home, dtype) -> tex
             encoder = text_encoders.load_mixclip_text_encoder(weights, device="cpu", dtype=dtype)
         log(f"text encoder: {source.describe()} ({kind}, {layer if kind == OPENCLIP_H else 'penultimate'})")
         ENCODER_CACHE[key] = text_encoders.PromptEmbeddingCache(encoder)
+        while len(ENCODER_CACHE) > ENCODERS_KEPT:
+            ENCODER_CACHE.popitem(last=False)
+    ENCODER_CACHE.move_to_end(key)
     ENCODER_CACHE[key].encoder.to(home)
     return ENCODER_CACHE[key]
-
-
-def clear_caches(*_args) -> None:
-    MODULE_CACHE.clear()
-    ENCODER_CACHE.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -448,7 +460,7 @@ class OneMoreStepScript(scripts.Script):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Settings, X/Y/Z axes, cache invalidation
+# Settings, X/Y/Z axes
 
 def on_ui_settings():
     section = ("oms", TITLE)
@@ -507,4 +519,3 @@ def register_xyz_axes() -> None:
 
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_before_ui(register_xyz_axes)
-script_callbacks.on_model_loaded(clear_caches)

@@ -423,7 +423,7 @@ def test_automatic_loads_only_the_module_it_chooses(monkeypatch, tmp_path):
 
 def test_settings_and_callbacks_registered(webui):
     registered = webui.modules["script_callbacks"].registered
-    assert [len(registered[k]) for k in ("ui_settings", "before_ui", "model_loaded")] == [1, 1, 1]
+    assert [len(registered[k]) for k in ("ui_settings", "before_ui", "model_loaded")] == [1, 1, 0]
     registered["ui_settings"][0]()
     added = webui.opts.added
     assert set(added) == {"oms_module_sd", "oms_module_sdxl", "oms_text_encoder_path", "oms_text_encoder_layer",
@@ -470,11 +470,33 @@ def test_xyz_cells_override_the_ui(webui, xyz):
     assert cell.extra_generation_params == {}
 
 
-def test_checkpoint_change_drops_caches(webui):
+def test_model_loads_keep_modules_and_file_encoders(monkeypatch, oms_dir):
+    """The SDXL refiner reloads the base and the refiner model every generation (each load runs the model_loaded
+    callbacks): the module and a file-based text encoder do not depend on the checkpoint and are not reloaded."""
+    webui = make_webui(monkeypatch, oms_dir)
+    cache = ModuleCache()
+    monkeypatch.setattr(webui.script_module, "MODULE_CACHE", cache)
     webui.run(txt2img(), ON)
-    assert webui.script_module.ENCODER_CACHE
-    webui.modules["script_callbacks"].registered["model_loaded"][0](FakeSDModel())
-    assert not webui.script_module.ENCODER_CACHE
+    module = cache.get(oms_dir / "oms_tiny_15_21")
+    for callback in webui.modules["script_callbacks"].registered["model_loaded"] * 2:  # refiner, then base again
+        callback(FakeSDModel())
+    webui.run(txt2img(), ON)
+    assert cache.get(oms_dir / "oms_tiny_15_21") is module
+    assert webui.loaded_encoders == {"openclip-h": [oms_dir / "text_encoder"]}
+
+
+def test_checkpoint_encoders_are_kept_per_checkpoint_and_bounded(webui, tmp_path):
+    """Switching to a checkpoint kept loaded (Settings: checkpoints to cache in RAM) runs no model_loaded callback:
+    each SD 2.x checkpoint's own encoder is used, and the cache keeps the two most recently used encoders."""
+    checkpoints = []
+    for name in ("a", "b", "c"):
+        checkpoints.append(tmp_path / f"sd21_{name}.safetensors")
+        checkpoints[-1].write_bytes(name.encode())
+    a, b, c = checkpoints
+    for checkpoint in (a, b, a, c, a):
+        webui.run(txt2img(sd_model=FakeSDModel("sd2", checkpoint=str(checkpoint))), ON)
+    assert webui.loaded_encoders == {"openclip-h": [a, b, c]}
+    assert len(webui.script_module.ENCODER_CACHE) == 2
 
 
 def test_low_vram_sends_the_webui_model_away_first(webui):
