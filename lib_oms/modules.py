@@ -508,6 +508,7 @@ class ModuleCache:
 
     def __init__(self, maxsize: int = 2):
         self.maxsize = maxsize
+        self.loads = 0  # modules read from disk so far (a caller can tell a load from a cache hit)
         self._entries: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
@@ -522,6 +523,7 @@ class ModuleCache:
                 return cached[1].to(device, dtype)  # the caller may have moved it (low-VRAM offload)
             self._entries.pop(key, None)
             module = load_module(path, device, dtype)
+            self.loads += 1
             self._entries[key] = (signature, module)
             while len(self._entries) > self.maxsize:
                 self._entries.popitem(last=False)

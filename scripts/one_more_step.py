@@ -289,7 +289,10 @@ def prepare(p, args: OMSArgs) -> Plan:
     home = torch.device("cpu") if plan.offload else plan.device  # where the module waits between steps
     entry = choose_module(args.module, module_entries(), latent_space, option(f"oms_module_{latent_space}", AUTOMATIC),
                           lambda e: oms_modules.describe_module(e.path)[0], module_dirs())
+    loads = MODULE_CACHE.loads
     plan.module = MODULE_CACHE.get(entry.path, home, dtype)
+    if MODULE_CACHE.loads != loads:
+        log(f"module: {entry.path} loaded ({plan.module.latent_space}, {plan.module.text_encoder})")
     plan.module.cuda_graphs = not plan.offload  # a module moved in and out for every step would recapture each time
     oms_modules.check_latent_space(plan.module, latent_space)
     source = resolve_text_encoder(plan.module.text_encoder, family,

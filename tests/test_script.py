@@ -470,7 +470,7 @@ def test_xyz_cells_override_the_ui(webui, xyz):
     assert cell.extra_generation_params == {}
 
 
-def test_model_loads_keep_modules_and_file_encoders(monkeypatch, oms_dir):
+def test_model_loads_keep_modules_and_file_encoders(monkeypatch, oms_dir, capsys):
     """The SDXL refiner reloads the base and the refiner model every generation (each load runs the model_loaded
     callbacks): the module and a file-based text encoder do not depend on the checkpoint and are not reloaded."""
     webui = make_webui(monkeypatch, oms_dir)
@@ -481,7 +481,8 @@ def test_model_loads_keep_modules_and_file_encoders(monkeypatch, oms_dir):
     for callback in webui.modules["script_callbacks"].registered["model_loaded"] * 2:  # refiner, then base again
         callback(FakeSDModel())
     webui.run(txt2img(), ON)
-    assert cache.get(oms_dir / "oms_tiny_15_21") is module
+    assert cache.get(oms_dir / "oms_tiny_15_21") is module and cache.loads == 1
+    assert capsys.readouterr().out.count("oms_tiny_15_21 loaded (sd, openclip-h)") == 1  # said in the console
     assert webui.loaded_encoders == {"openclip-h": [oms_dir / "text_encoder"]}
 
 
