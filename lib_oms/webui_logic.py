@@ -46,6 +46,15 @@ class Job:
     noise_schedule: str = "Default"
 
 
+NO_REFINER = (None, "", "None", "none")  # what the WebUI's processing reads as "no refiner checkpoint"
+
+
+def uses_refiner(checkpoint: str | None, switch_at: float | None) -> bool:
+    """Whether the WebUI hands sampling to a refiner: a refiner checkpoint is named and the switch point is before
+    the end (none given: the WebUI switches at the first step)."""
+    return checkpoint not in NO_REFINER and (switch_at is None or switch_at < 1.0)
+
+
 def model_skip_reason(family: str, latent_channels: int) -> str | None:
     """Why OMS cannot run on this checkpoint, or None. ``family`` is "sd1", "sd2", "sdxl", "sdxl-refiner",
     "sd3" or another name for models with other latent spaces (Flux, ...)."""

@@ -9,6 +9,7 @@ would go on to make an image without OMS.
 
 import contextlib
 import functools
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +29,18 @@ from lib_oms.webui_args import (
     ARGS,
     AUTOMATIC,
     INFOTEXT_FIRST_PASS_ONLY,
+    INFOTEXT_MODULE_REQUESTED,
     INFOTEXT_SKIPPED,
     ArgumentError,
     OMSArgs,
+    alwayson_args_problem,
     convert,
     from_dict,
     infotext_keys,
     infotext_params,
+    module_hash,
     module_label,
+    module_name,
     parse_script_args,
     paste_value,
 )
@@ -61,6 +66,7 @@ from lib_oms.webui_logic import (
     txt2img_start,
     untouched_passes,
     unwrap_hijacked_keys,
+    uses_refiner,
 )
 
 TITLE = "One More Step"
@@ -143,7 +149,7 @@ def job_of(p) -> Job:
     from modules import processing
 
     noise_schedule = option("sd_noise_schedule", "Default")
-    refiner = bool(getattr(p, "refiner_checkpoint", None)) and getattr(p, "refiner_switch_at", 1.0) < 1.0
+    refiner = uses_refiner(getattr(p, "refiner_checkpoint", None), getattr(p, "refiner_switch_at", None))
     if isinstance(p, processing.StableDiffusionProcessingTxt2Img):
         return Job("txt2img", hires=bool(getattr(p, "enable_hr", False)), refiner=refiner,
                    firstpass_image=getattr(p, "firstpass_image", None) is not None, noise_schedule=noise_schedule)
@@ -262,14 +268,19 @@ class Plan:
     said: set = field(default_factory=set)
 
 
+def say_once(plan: Plan, message: str) -> None:
+    """Said in the console once per generation (not once per batch)."""
+    if message not in plan.said:
+        plan.said.add(message)
+        log(message)
+
+
 def say_skipped(p, plan: Plan, reason: str) -> None:
     """A skip replaces the OMS keys of the infotext with its reason and is said once per generation in the console."""
     for key in infotext_keys():
         p.extra_generation_params.pop(key, None)
     p.extra_generation_params[INFOTEXT_SKIPPED] = reason
-    if reason not in plan.said:
-        plan.said.add(reason)
-        log(f"skipped: {reason}")
+    say_once(plan, f"skipped: {reason}")
 
 
 def prepare(p, args: OMSArgs) -> Plan:
@@ -287,7 +298,8 @@ def prepare(p, args: OMSArgs) -> Plan:
     plan.low_vram = bool(getattr(sd_model, "lowvram", False))
     plan.offload = offload_after_use(option("oms_keep_in_vram", True), plan.low_vram, plan.device.type)
     home = torch.device("cpu") if plan.offload else plan.device  # where the module waits between steps
-    entry = choose_module(args.module, module_entries(), latent_space, option(f"oms_module_{latent_space}", AUTOMATIC),
+    entry = choose_module(module_name(args.module), module_entries(), latent_space,
+                          option(f"oms_module_{latent_space}", AUTOMATIC),
                           lambda e: oms_modules.describe_module(e.path)[0], module_dirs())
     loads = MODULE_CACHE.loads
     plan.module = MODULE_CACHE.get(entry.path, home, dtype)
@@ -300,6 +312,12 @@ def prepare(p, args: OMSArgs) -> Plan:
                                   module_dirs=module_dirs(), hub_dir=huggingface_hub_dir())
     plan.encoder = load_encoder(plan.module.text_encoder, source, sd_model, home, dtype)
     p.extra_generation_params.update(infotext_params(args, module_label(entry.name, plan.module.short_hash)))
+    requested_hash = module_hash(args.module)
+    if requested_hash and requested_hash != plan.module.short_hash.lower():
+        p.extra_generation_params[INFOTEXT_MODULE_REQUESTED] = args.module
+        say_once(plan, f"the module file {plan.module.weights_path} has hash {plan.module.short_hash}, not "
+                       f"{requested_hash} as asked ({args.module}): it is another file of that name, so the image "
+                       "will differ from the one these parameters came from")
     passes = "; ".join(untouched_passes(job))
     if passes:
         p.extra_generation_params[INFOTEXT_FIRST_PASS_ONLY] = passes
@@ -348,6 +366,10 @@ def corrected_noise(p, plan: Plan, noise: torch.Tensor) -> torch.Tensor | None:
     args = plan.args
     prompts = oms_prompts(args.prompt, list(p.prompts), p.steps)
     negative = clean_prompt(args.negative_prompt, p.steps)
+    readable = plan.encoder.max_length - 2  # the start and end tokens take two places
+    if any(text_encoders.token_count(prompt) > readable for prompt in [*prompts, negative]):
+        say_once(plan, f"a prompt is longer than the {readable} tokens the OMS text encoder reads: OMS reads only its "
+                       "beginning. Put the words for light and colour first, or write them in the OMS prompt")
     unit = noise.float()
     z = fresh_noise(p.seeds, unit.shape[1:], unit.device) if args.engine_solver == "sde" else None
     with on_device(plan):
@@ -488,6 +510,43 @@ def on_ui_settings():
         gr.Radio, {"choices": list(PRECISIONS)}, section=section))
 
 
+class AlwaysonArgsCheck:
+    """ASGI middleware answering HTTP 422 with a message for a txt2img/img2img request whose One More Step "args"
+    is not a list (the WebUI's API would answer ``KeyError: 0``). Other requests pass untouched: the body read here
+    is handed on as it came."""
+
+    PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") not in self.PATHS:
+            return await self.app(scope, receive, send)
+        messages, body = [], b""
+        while True:
+            message = await receive()
+            messages.append(message)
+            body += message.get("body", b"")
+            if message.get("type") != "http.request" or not message.get("more_body", False):
+                break
+        problem = alwayson_args_problem(body, TITLE)
+        if problem is not None:
+            content = json.dumps({"error": "HTTPException", "detail": problem, "body": "", "errors": problem})
+            await send({"type": "http.response.start", "status": 422,
+                        "headers": [(b"content-type", b"application/json")]})
+            return await send({"type": "http.response.body", "body": content.encode()})
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def on_app_started(_demo, app) -> None:
+    app.add_middleware(AlwaysonArgsCheck)
+
+
 def set_xyz_value(p, x, xs, *, name):
     p._oms_xyz = {**getattr(p, "_oms_xyz", {}), name: x}
 
@@ -522,3 +581,4 @@ def register_xyz_axes() -> None:
 
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_before_ui(register_xyz_axes)
+script_callbacks.on_app_started(on_app_started)

@@ -2,6 +2,7 @@
 
 import math
 import sys
+import types
 import zlib
 
 import pytest
@@ -245,6 +246,40 @@ def test_hires_and_refiner_passes_are_said(webui, capsys):
     assert out.count("the hires fix second pass; refiner continue from it") == 1 and "skipped" not in out
 
 
+@pytest.mark.parametrize("refiner, switch_at, note", [
+    ("refiner", None, "refiner"),  # API "refiner_switch_at": null: the WebUI switches at the first step
+    ("None", 0.8, None), ("", 0.8, None), (None, None, None), ("refiner", 1.0, None),
+])
+def test_refiner_arguments_as_the_webui_reads_them(webui, refiner, switch_at, note):
+    p = txt2img(refiner_checkpoint=refiner, refiner_switch_at=switch_at)
+    webui.run(p, ON)
+    assert p.extra_generation_params["OMS"] is True
+    assert p.extra_generation_params.get("OMS first pass only") == note
+
+
+def test_pasted_module_of_another_file_is_said(webui, oms_dir, capsys):
+    """"OMS module: name [hash]" pasted from an image made with another file of that name: the image will differ."""
+    actual = SHARED_MODULES.get(oms_dir / "oms_tiny_15_21").short_hash
+    p = txt2img()
+    webui.run(p, [True, "oms_tiny_15_21 [0123456789]"])
+    assert p.extra_generation_params["OMS module"] == f"oms_tiny_15_21 [{actual}]"
+    assert p.extra_generation_params["OMS module requested"] == "oms_tiny_15_21 [0123456789]"
+    out = capsys.readouterr().out
+    assert out.count(f"has hash {actual}, not 0123456789") == 1
+    same = txt2img()
+    webui.run(same, [True, f"oms_tiny_15_21 [{actual.upper()}]"])
+    assert "OMS module requested" not in same.extra_generation_params and "hash" not in capsys.readouterr().out
+
+
+def test_prompts_longer_than_the_encoder_reads_are_said_once(webui, capsys):
+    long_prompt = "a very dark cave at night, " * 12  # 96 tokens
+    webui.run(txt2img(seeds=[1, 2], prompts=[long_prompt, "short"], batch_size=1), ON, batches=2)
+    out = capsys.readouterr().out
+    assert out.count("longer than the 75 tokens") == 1 and "OMS prompt" in out
+    webui.run(txt2img(seeds=[1], prompts=["short"]), ON)
+    assert "75 tokens" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("p_kwargs, reason", [
     (dict(sd_model=FakeSDModel("sd3", latent_channels=16)), "latent space"),
     (dict(sd_model=FakeSDModel("sdxl-refiner")), "refiner"),
@@ -389,7 +424,7 @@ def test_ui_components_follow_the_argument_order(webui):
     assert [c.value for c in components] == [arg.default for arg in ARGS]
     assert components[1].kwargs["choices"] == ["Automatic", "oms_tiny_15_21", "oms_tiny_xl"]
     params = {"OMS": "True", "OMS module": "oms_tiny_xl [0123456789]", "OMS CFG": "2.5"}
-    assert [fn(params) for _, fn in script.infotext_fields] == [True, "oms_tiny_xl", "", "", 2.5, None]
+    assert [fn(params) for _, fn in script.infotext_fields] == [True, "oms_tiny_xl [0123456789]", "", "", 2.5, None]
     assert script.title() == "One More Step" and script.show(True) is webui.modules["scripts"].AlwaysVisible
 
 
@@ -438,7 +473,6 @@ class AxisOption:
 
 @pytest.fixture
 def xyz(webui):
-    import types
     module = types.SimpleNamespace(AxisOption=AxisOption, axis_options=[AxisOption("Seed", int, None)])
     data = types.SimpleNamespace(script_class=type("Script", (), {"__module__": "xyz_grid.py"}), module=module)
     webui.modules["scripts"].scripts_data.append(data)
@@ -500,6 +534,59 @@ def test_checkpoint_encoders_are_kept_per_checkpoint_and_bounded(webui, tmp_path
     assert len(webui.script_module.ENCODER_CACHE) == 2
 
 
+def api_call(webui, path, body: bytes):
+    """The WebUI's app with the middleware the script adds when the app starts, in front of an endpoint that
+    reads the whole body; the body arrives in two chunks. Returns (status, response JSON, bodies the endpoint got)."""
+    import asyncio
+    import json
+
+    added = []
+    app = types.SimpleNamespace(add_middleware=added.append)
+    for callback in webui.modules["script_callbacks"].registered["app_started"]:
+        callback(None, app)
+    (middleware,) = added
+    got = []
+
+    async def endpoint(scope, receive, send):
+        data = b""
+        while True:
+            message = await receive()
+            data += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        got.append(data)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    half = len(body) // 2
+    incoming = [{"type": "http.request", "body": body[:half], "more_body": True},
+                {"type": "http.request", "body": body[half:], "more_body": False}]
+    sent = []
+
+    async def receive():
+        return incoming.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(middleware(endpoint)({"type": "http", "method": "POST", "path": path}, receive, send))
+    return sent[0]["status"], json.loads(sent[1]["body"]), got
+
+
+def test_alwayson_args_given_as_an_object_answer_422(webui):
+    """The WebUI's API indexes "args" by position (modules/api/api.py init_script_args): an object crashed it with
+    KeyError: 0."""
+    import json
+
+    bad = json.dumps({"prompt": "x", "alwayson_scripts": {"One More Step": {"args": {"enabled": True}}}}).encode()
+    status, answer, got = api_call(webui, "/sdapi/v1/txt2img", bad)
+    assert status == 422 and "must be a list" in answer["detail"] and got == []
+    good = json.dumps({"prompt": "x", "alwayson_scripts": {"One More Step": {"args": [{"enabled": True}]}}}).encode()
+    for path, body in (("/sdapi/v1/img2img", good), ("/sdapi/v1/options", bad)):
+        status, _answer, got = api_call(webui, path, body)
+        assert status == 200 and got == [body]  # handed on as it came
+
+
 def test_low_vram_sends_the_webui_model_away_first(webui):
     model = FakeSDModel()
     model.lowvram = True
@@ -523,7 +610,6 @@ def test_errors_are_oms_errors():
 @pytest.mark.parametrize("skip_install", [False, True])
 def test_install_adds_only_what_is_missing(monkeypatch, skip_install):
     import runpy
-    import types
 
     pip = []
     launch = types.SimpleNamespace(args=types.SimpleNamespace(skip_install=skip_install),

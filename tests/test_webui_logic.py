@@ -31,6 +31,7 @@ from lib_oms.webui_logic import (
     txt2img_start,
     untouched_passes,
     unwrap_hijacked_keys,
+    uses_refiner,
 )
 
 
@@ -264,3 +265,13 @@ def test_precision_and_offload():
     assert offload_after_use(keep_in_vram=False, low_vram=False, device_type="cuda")
     assert not offload_after_use(keep_in_vram=True, low_vram=False, device_type="cuda")
     assert not offload_after_use(keep_in_vram=False, low_vram=True, device_type="cpu")
+
+
+@pytest.mark.parametrize("checkpoint, switch_at, used", [
+    ("sd_xl_refiner_1.0", 0.8, True),
+    ("sd_xl_refiner_1.0", None, True),  # the WebUI then switches at the first step
+    ("sd_xl_refiner_1.0", 1.0, False),  # never reached
+    ("None", 0.8, False), ("none", 0.8, False), ("", 0.8, False), (None, 0.8, False),
+])
+def test_refiner_as_the_webui_reads_it(checkpoint, switch_at, used):
+    assert uses_refiner(checkpoint, switch_at) is used

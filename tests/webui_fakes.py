@@ -248,7 +248,7 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
     subs["scripts"].AlwaysVisible = object()
     subs["scripts"].scripts_data = []
     callbacks = subs["script_callbacks"]
-    callbacks.registered = {"ui_settings": [], "before_ui": [], "model_loaded": []}
+    callbacks.registered = {"ui_settings": [], "before_ui": [], "model_loaded": [], "app_started": []}
     for name in callbacks.registered:
         setattr(callbacks, f"on_{name}", callbacks.registered[name].append)
     shared = subs["shared"]
