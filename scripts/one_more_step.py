@@ -9,6 +9,7 @@ would go on to make an image without OMS.
 
 import contextlib
 import functools
+import inspect
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -203,7 +204,12 @@ def sampler_start(p, job: Job):
 def device_and_dtype():
     from modules import devices
 
-    device = devices.get_device_for("oms") if hasattr(devices, "get_device_for") else devices.device
+    # --use-cpu oms / all, as A1111's devices.get_device_for reads it (Forge's and reForge's ignore it)
+    use_cpu = getattr(shared.cmd_opts, "use_cpu", None) or []
+    if "oms" in use_cpu or "all" in use_cpu:
+        device = torch.device("cpu")
+    else:
+        device = devices.get_device_for("oms") if hasattr(devices, "get_device_for") else devices.device
     full_precision = getattr(devices, "dtype_unet", torch.float16) == torch.float32
     dtype = module_dtype(option("oms_precision", PRECISIONS[0]), torch.device(device).type, full_precision)
     return torch.device(device), dtype
@@ -415,6 +421,13 @@ def correct_first_draw(p, plan: Plan, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # The script
 
+def xyz_overrides(p) -> dict:
+    """The values of this X/Y/Z cell's OMS axes. A cell of any OMS axis turns OMS on, as an "[OMS] Enabled: True"
+    cell does, unless an [OMS] Enabled axis says otherwise."""
+    overrides = getattr(p, "_oms_xyz", {})
+    return {"enabled": True, **overrides} if overrides else {}
+
+
 def requested(args, overrides: dict) -> bool:
     """Whether OMS is asked for, before validating anything else (a disabled script must stay untouched)."""
     if "enabled" in overrides:
@@ -427,6 +440,11 @@ def requested(args, overrides: dict) -> bool:
         return bool(convert(ARG_BY_NAME["enabled"], raw))
     except ArgumentError:
         return True  # unreadable: let the validation name the field
+
+
+# How each control reads a pasted infotext; one object per argument, shared by the txt2img and img2img tabs, so that
+# the WebUI's "Send to" buttons can match a tab's field to the other tab's by these names.
+PASTE = {arg.name: functools.partial(paste_value, arg) for arg in ARGS}
 
 
 class OneMoreStepScript(scripts.Script):
@@ -458,12 +476,14 @@ class OneMoreStepScript(scripts.Script):
                                   value=a["solver"].default, elem_id=self.elem_id("solver"))
         components = {"enabled": enabled, "module": module, "prompt": prompt, "negative_prompt": negative_prompt,
                       "cfg": cfg, "solver": solver}
-        self.infotext_fields = [(components[arg.name], functools.partial(paste_value, arg)) for arg in ARGS]
+        self.infotext_fields = [(components[arg.name], PASTE[arg.name]) for arg in ARGS]
+        # "Send to img2img/txt2img" copies the fields whose name is listed here (the same objects in both tabs)
+        self.paste_field_names = [PASTE[arg.name] for arg in ARGS]
         return [components[arg.name] for arg in ARGS]
 
     def process(self, p, *args):
         p._oms_plan = None
-        overrides = getattr(p, "_oms_xyz", {})
+        overrides = xyz_overrides(p)
         if not requested(args, overrides):
             return
         try:
@@ -506,7 +526,8 @@ def on_ui_settings():
         True, "Keep the module and text encoder in VRAM between generations (always offloaded with --lowvram/"
         "--medvram)", section=section))
     add("oms_precision", shared.OptionInfo(
-        PRECISIONS[0], "Precision of the module and text encoder (Automatic: fp16 on GPU unless --no-half)",
+        PRECISIONS[0], "Precision of the module and text encoder (Automatic: fp16 on a GPU unless the WebUI runs its "
+        "model in fp32, e.g. A1111's --no-half or Forge's --all-in-fp32)",
         gr.Radio, {"choices": list(PRECISIONS)}, section=section))
 
 
@@ -552,8 +573,26 @@ def set_xyz_value(p, x, xs, *, name):
 
 
 def confirm_xyz_values(p, xs, *, arg):
-    for x in xs:
-        convert(arg, x)
+    """Every value of an OMS axis checked before the grid starts (a missing module too)."""
+    try:
+        for x in xs:
+            value = convert(arg, x)
+            if arg.kind == "module" and value != AUTOMATIC and module_name(value) not in module_choices():
+                where = ", ".join(str(path) for path in module_dirs())
+                raise ArgumentError(f"One More Step: argument '{arg.name}' ({arg.label}): no OMS module named "
+                                    f"{module_name(value)!r} in {where}: put it there and press the refresh button")
+    except OMSError as error:
+        raise refusal(error) from error
+
+
+def prepare_number_values(text: str, *, xyz, arg) -> list[str]:
+    """The X/Y/Z plot's own list and range parsing of a number axis, with the extension's message for a value that
+    is neither a number nor a range (the plot alone says only "could not convert string to float")."""
+    values = xyz.csv_string_to_list_strip(text)
+    for value in values:
+        if value and not (xyz.re_range_float.fullmatch(value) or xyz.re_range_count_float.fullmatch(value)):
+            confirm_xyz_values(None, [value], arg=arg)
+    return values
 
 
 def find_xyz_module():
@@ -569,14 +608,17 @@ def register_xyz_axes() -> None:
         return
     types = {"bool": str, "number": float, "text": str, "choice": str, "module": str}
     choices = {"bool": lambda: ["True", "False"], "module": module_choices}
+    has_prepare = "prepare" in inspect.signature(xyz.AxisOption).parameters  # A1111 >= 1.9, Forge, reForge
     for arg in ARGS:
         if arg.axis is None:
             continue
         arg_choices = choices.get(arg.kind) or ((lambda arg=arg: list(arg.choices)) if arg.choices else None)
+        prepare = {"prepare": functools.partial(prepare_number_values, xyz=xyz, arg=arg)} \
+            if arg.kind == "number" and has_prepare else {}
         xyz.axis_options.append(xyz.AxisOption(
             arg.axis, types[arg.kind], functools.partial(set_xyz_value, name=arg.name),
             confirm=functools.partial(confirm_xyz_values, arg=arg), choices=arg_choices,
-            cost=0.5 if arg.kind == "module" else 0.0))
+            cost=0.5 if arg.kind == "module" else 0.0, **prepare))
 
 
 script_callbacks.on_ui_settings(on_ui_settings)

@@ -467,13 +467,33 @@ def test_settings_and_callbacks_registered(webui):
 
 
 class AxisOption:
-    def __init__(self, label, type, apply, confirm=None, choices=None, cost=0.0, **kwargs):
+    """scripts/xyz_grid.py AxisOption of A1111 1.9–1.10, Forge, reForge (1.6–1.8 lack ``prepare``)."""
+
+    def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
         self.label, self.type, self.apply, self.confirm, self.choices = label, type, apply, confirm, choices
+        self.prepare = prepare
+
+
+def csv_string_to_list_strip(text):
+    """xyz_grid's: the comma-separated values, stripped (CSV quoting allowed)."""
+    import csv
+    import io
+
+    return [value.strip() for row in csv.reader(io.StringIO(text), skipinitialspace=True) for value in row]
+
+
+NUMBER = r"\s*([+-]?\s*\d+(?:.\d*)?)"
 
 
 @pytest.fixture
 def xyz(webui):
-    module = types.SimpleNamespace(AxisOption=AxisOption, axis_options=[AxisOption("Seed", int, None)])
+    import re
+
+    module = types.SimpleNamespace(
+        AxisOption=AxisOption, axis_options=[AxisOption("Seed", int, None)],
+        csv_string_to_list_strip=csv_string_to_list_strip,
+        re_range_float=re.compile(NUMBER + r"\s*-" + NUMBER + r"(?:\s*\(([+-]\d+(?:.\d*)?)\s*\))?\s*"),  # 1-2 (+0.5)
+        re_range_count_float=re.compile(NUMBER + r"\s*-" + NUMBER + r"(?:\s*\[(\d+(?:.\d*)?)\s*])?\s*"))  # 1-2 [3]
     data = types.SimpleNamespace(script_class=type("Script", (), {"__module__": "xyz_grid.py"}), module=module)
     webui.modules["scripts"].scripts_data.append(data)
     return module
@@ -485,7 +505,7 @@ def test_xyz_axes_registered_once(webui, xyz):
     labels = [opt.label for opt in xyz.axis_options]
     assert labels == ["Seed", "[OMS] Enabled", "[OMS] Module", "[OMS] Prompt", "[OMS] CFG", "[OMS] Solver"]
     assert xyz.axis_options[2].choices() == ["Automatic", "oms_tiny_15_21", "oms_tiny_xl"]
-    with pytest.raises(ArgumentError, match="'solver'"):
+    with pytest.raises(HTTPException, match="'solver'"):
         xyz.axis_options[5].confirm(None, ["SDE", "Euler"])
 
 
@@ -502,6 +522,59 @@ def test_xyz_cells_override_the_ui(webui, xyz):
     axes["[OMS] Enabled"].apply(cell, "False", None)
     webui.run(cell, ON)
     assert cell.extra_generation_params == {}
+
+
+@pytest.mark.parametrize("axis, value, key", [("[OMS] CFG", 2.0, "OMS CFG"), ("[OMS] Prompt", "night", "OMS prompt"),
+                                             ("[OMS] Solver", "DDIM", "OMS solver"),
+                                             ("[OMS] Module", "oms_tiny_15_21", "OMS module")])
+def test_a_cell_of_an_oms_axis_turns_oms_on(webui, xyz, axis, value, key):
+    """As an "[OMS] Enabled: True" cell does, unless an [OMS] Enabled axis says otherwise."""
+    webui.script_module.register_xyz_axes()
+    axes = {opt.label: opt for opt in xyz.axis_options}
+    p = txt2img(seeds=[1])
+    axes[axis].apply(p, value, None)
+    start = webui.run(p, OFF)[0]
+    assert p.extra_generation_params["OMS"] is True and str(value) in str(p.extra_generation_params[key])
+    assert not torch.equal(start, unit_noise([1]) * SIGMA_MAX)
+    off = txt2img(seeds=[1])
+    axes[axis].apply(off, value, None)
+    axes["[OMS] Enabled"].apply(off, "False", None)
+    assert torch.equal(webui.run(off, ON)[0], unit_noise([1]) * SIGMA_MAX) and off.extra_generation_params == {}
+
+
+def test_bad_xyz_values_get_the_extension_message_before_the_grid(webui, xyz):
+    webui.script_module.register_xyz_axes()
+    axes = {opt.label: opt for opt in xyz.axis_options}
+    cfg = axes["[OMS] CFG"]
+    assert cfg.type is float and cfg.prepare("1, 1.5-2.5 (+0.5), 2-3 [3]") == ["1", "1.5-2.5 (+0.5)", "2-3 [3]"]
+    with pytest.raises(HTTPException, match="'cfg' .*got 'strong'") as raised:
+        cfg.prepare("1, strong")  # X/Y/Z alone would say "could not convert string to float"
+    assert api_error(raised.value).status == 422
+    with pytest.raises(HTTPException, match="'cfg'"):
+        cfg.confirm(None, [1.0, 12.0])
+    axes["[OMS] Module"].confirm(None, ["Automatic", "oms_tiny_xl", "oms_tiny_15_21 [0123456789]"])
+    with pytest.raises(HTTPException, match="no_such_module"):
+        axes["[OMS] Module"].confirm(None, ["oms_tiny_xl", "no_such_module"])
+
+
+def test_send_to_img2img_carries_the_oms_controls(webui):
+    """infotext_utils.register_paste_params_button: sending to another tab copies the source tab's fields whose
+    name is in the target tab's paste_field_names to the target's fields of the same names."""
+    txt2img_script, img2img_script = webui.script(), webui.script()
+    sources, targets = txt2img_script.ui(False), img2img_script.ui(True)
+    names = ["Prompt", "Negative prompt", "Steps", "Face restoration"] + img2img_script.paste_field_names
+    inputs = [field for field, name in txt2img_script.infotext_fields if name in names]
+    outputs = [field for field, name in img2img_script.infotext_fields if name in names]
+    assert inputs == sources and outputs == targets
+
+
+def test_use_cpu_oms_runs_the_step_on_the_cpu(webui):
+    """Forge and reForge accept --use-cpu but their devices.get_device_for ignores it."""
+    webui.modules["devices"].get_device_for = lambda task: torch.device("cuda")
+    webui.modules["shared"].cmd_opts.use_cpu = ["oms"]
+    assert webui.script_module.device_and_dtype() == (torch.device("cpu"), torch.float32)
+    webui.modules["shared"].cmd_opts.use_cpu = []
+    assert webui.script_module.device_and_dtype()[0] == torch.device("cuda")
 
 
 def test_model_loads_keep_modules_and_file_encoders(monkeypatch, oms_dir, capsys):
