@@ -34,3 +34,65 @@ def test_seams_files_are_what_the_seam_tests_expect(tmp_path):
 def test_seams_files_need_the_text_encoder_in_place(tmp_path):
     with pytest.raises(SystemExit, match="text_encoder"):
         seams_files.write(tmp_path, tmp_path / "x.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sdxl_end_to_end.py (the checkpoint's key names against A1111's SDXL config need sgm: its "keys" command)
+
+import sdxl_end_to_end  # noqa: E402
+
+
+def test_streamed_checkpoint_is_a_safetensors_file_with_every_tensor(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from lib_oms.modules import read_safetensors_header
+
+    model = torch.nn.Module()
+    model.text = torch.nn.Module()
+    model.text.embeddings = torch.nn.Embedding(5, 3)
+    model.text.register_buffer("position_ids", torch.arange(7).expand(1, -1))
+    model.proj = torch.nn.Linear(3, 4)
+    model.norm = torch.nn.LayerNorm(4)
+    model.logit_scale = torch.nn.Parameter(torch.tensor(1.0))
+    entries = sdxl_end_to_end.checkpoint_tensors(model)
+    assert entries["text.position_ids"] == ((1, 7), torch.int64) and entries["proj.weight"] == ((4, 3), torch.float16)
+    made = {}
+
+    def make(name, shape, dtype):
+        made[name] = sdxl_end_to_end.random_tensor(name, shape, dtype, torch.Generator().manual_seed(len(made)))
+        return made[name]
+
+    path = tmp_path / "x.safetensors"
+    size = sdxl_end_to_end.write_safetensors_streaming(path, entries, make)
+    assert size == path.stat().st_size and set(read_safetensors_header(path).shapes) == set(entries)
+    loaded = load_file(str(path))
+    assert all(torch.equal(loaded[name], made[name]) for name in entries)
+    assert torch.equal(loaded["text.position_ids"], torch.arange(7).expand(1, -1))
+    assert loaded["norm.weight"].float().sub(1).abs().max() < 0.2 and loaded["proj.bias"].abs().max() < 0.2
+    assert 0.3 < loaded["proj.weight"].float().std() * 3 ** 0.5 < 3  # ~ N(0, 1/fan_in)
+
+
+def test_sdxl_end_to_end_arguments(tmp_path):
+    webui = tmp_path / "webui"
+    (webui / sdxl_end_to_end.SDXL_CONFIG).parent.mkdir(parents=True)
+    (webui / sdxl_end_to_end.SDXL_CONFIG).write_text("model: {}")
+    args = sdxl_end_to_end.parse_args(["--webui", str(webui), "--python", "/venv/bin/python", "--port", "7999"])
+    assert (args.command, args.port, args.keep, str(args.work)) == (None, 7999, False, "sdxl_end_to_end")
+    assert sdxl_end_to_end.parse_args(["build", "--webui", str(webui), "--out", "c.safetensors"]).command == "build"
+    for bad in (["--webui", str(webui)], ["--webui", str(tmp_path), "--python", "py"]):
+        with pytest.raises(SystemExit):
+            sdxl_end_to_end.parse_args(bad)
+    command = sdxl_end_to_end.server_command("py", tmp_path / "c.safetensors", 7999, tmp_path / "oms")
+    assert command[:2] == ["py", "launch.py"] and "--oms-models-dir" in command and "--api" in command
+
+
+def test_sdxl_end_to_end_modules_are_sdxl_modules(tmp_path, monkeypatch):
+    from lib_oms.modules import describe_module
+
+    monkeypatch.setattr(sdxl_end_to_end, "MODULES", {"oms_tiny_openclip_xl": ("openclip-h", 1024),
+                                                     "oms_tiny_mixclip_xl": ("sdxl-mixclip", 2048)})
+    sdxl_end_to_end.write_modules(tmp_path, lambda width: tiny_unet_config(cross_attention_dim=width))
+    assert [entry.name for entry in find_modules([tmp_path])] == ["oms_tiny_mixclip_xl", "oms_tiny_openclip_xl"]
+    assert describe_module(tmp_path / "oms_tiny_mixclip_xl") == ("sdxl", "sdxl-mixclip")
+    assert load_module(tmp_path / "oms_tiny_openclip_xl").text_width == 1024
