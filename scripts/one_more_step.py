@@ -54,7 +54,6 @@ from lib_oms.webui_logic import (
     EncoderSource,
     Job,
     choose_module,
-    clean_prompt,
     huggingface_hub_dir,
     img2img_start,
     inpaint_noise,
@@ -62,7 +61,6 @@ from lib_oms.webui_logic import (
     model_skip_reason,
     module_dtype,
     offload_after_use,
-    oms_prompts,
     resolve_text_encoder,
     txt2img_start,
     untouched_passes,
@@ -179,6 +177,32 @@ def timestep_alphas(p):
         if getattr(owner, "alphas_cumprod", None) is not None:
             return owner.alphas_cumprod.float().cpu()
     raise OMSError("cannot find alphas_cumprod for this sampler")
+
+
+def clean_prompt(prompt: str, steps: int) -> str:
+    """The prompt as the sampler reads it at its first step, in plain words for the OMS text encoder, read with the
+    WebUI's own parsers: extra-network tags (<lora:…>) removed, AND-separated sub-prompts joined with commas (their
+    weights dropped), prompt editing and alternation at the first step, emphasis syntax and BREAK removed."""
+    from modules import extra_networks, prompt_parser
+
+    text, _networks = extra_networks.parse_prompt(prompt)
+    _indexes, subprompts, _positions = prompt_parser.get_multicond_prompt_list([text])
+    cleaned = []
+    for subprompt in subprompts:
+        first_step = prompt_parser.get_learned_conditioning_prompt_schedules([subprompt], max(int(steps), 1))[0][0][1]
+        chunks = prompt_parser.parse_prompt_attention(first_step)  # BREAK comes as ["BREAK", -1]
+        text = "".join(" " if (chunk, weight) == ("BREAK", -1) else chunk for chunk, weight in chunks)
+        words = " ".join(text.split())
+        if words:
+            cleaned.append(words)
+    return ", ".join(cleaned)
+
+
+def oms_prompts(oms_prompt: str, image_prompts: list[str], steps: int) -> list[str]:
+    """One OMS prompt per image: the OMS prompt when given, else each image's own prompt, all cleaned."""
+    if oms_prompt.strip():
+        return [clean_prompt(oms_prompt, steps)] * len(image_prompts)
+    return [clean_prompt(prompt, steps) for prompt in image_prompts]
 
 
 def sampler_start(p, job: Job):

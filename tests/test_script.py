@@ -226,6 +226,46 @@ def test_cfg_uses_the_oms_negative_prompt(webui):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# What OMS reads as the prompt (with the WebUI's prompt parser; the fake's is checked against the real one)
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("a photo of a cat", "a photo of a cat"),
+    ("a [b:3]", "a"),
+    ("a [b: 3] c", "a c"),
+    ("a [b:.5] c", "a c"),
+    ("a [b : c : 1] d", "a b d"),
+    ("a [b:c:0] d", "a c d"),
+    ("a[b:[c:d:2]:1]e", "abe"),
+    ("[(a:2):3]", ""),
+    ("[in foreground::0.6] x", "in foreground x"),
+    ("[a|(b:1.1)]", "a"),
+    ("[fe|]male", "female"),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).", "a house on a hill, sun, sky."),
+    ("<lora:dark:0.8> a dark <hypernet:x:1>alley", "a dark alley"),
+    ("cat BREAK dog", "cat dog"),
+    ("a cat AND a dog :1.2", "a cat, a dog"),
+    (r"\(literal\) \[x\]", "(literal) [x]"),
+    ("a (unbalanced", "a unbalanced"),
+    ("style: photo | raw", "style: photo | raw"),
+    ("(a:b)", "a:b"),
+])
+def test_clean_prompt_reads_the_first_step(webui, prompt, expected):
+    assert webui.script_module.clean_prompt(prompt, steps=10) == expected
+
+
+def test_prompt_editing_fraction_counts_steps(webui):
+    clean_prompt = webui.script_module.clean_prompt
+    assert clean_prompt("[day:night:0.01]", steps=20) == "night"  # switches at int(0.2) = step 0
+    assert clean_prompt("[day:night:0.1]", steps=20) == "day"  # switches after step 2
+
+
+def test_oms_prompts_per_image_or_the_oms_prompt(webui):
+    oms_prompts = webui.script_module.oms_prompts
+    assert oms_prompts("", ["(dark) cave", "[snow|ice] field"], 20) == ["dark cave", "snow field"]
+    assert oms_prompts("  <lora:x:1> (night:1.3) ", ["a", "b"], 20) == ["night", "night"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Infotext
 
 def test_infotext_of_an_applied_step(webui, oms_dir):

@@ -96,3 +96,40 @@ def test_sdxl_end_to_end_modules_are_sdxl_modules(tmp_path, monkeypatch):
     assert [entry.name for entry in find_modules([tmp_path])] == ["oms_tiny_mixclip_xl", "oms_tiny_openclip_xl"]
     assert describe_module(tmp_path / "oms_tiny_mixclip_xl") == ("sdxl", "sdxl-mixclip")
     assert load_module(tmp_path / "oms_tiny_openclip_xl").text_width == 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fake prompt parser of tests/webui_fakes.py against A1111's own (the real file, read from the WebUI archive)
+
+PROMPTS = ["a photo of a cat", "a [b:3]", "a [b: 3] c", "a [b:.5] c", "a [b : c : 1] d", "a [b:c:0] d",
+           "a[b:[c:d:2]:1]e", "[(a:2):3]", "[in foreground::0.6] x", "[a|(b:1.1)]", "[fe|]male",
+           "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).", "cat BREAK dog", "a cat AND a dog :1.2",
+           r"\(literal\) \[x\]", "a (unbalanced", "style: photo | raw", "(a:b)", "[day:night:0.01]", "(dark:1.3) cave"]
+
+
+@pytest.fixture(scope="module")
+def real_prompt_parser():
+    import importlib.util
+    import tarfile
+
+    pytest.importorskip("lark", reason="A1111's prompt parser needs lark (pip install lark)")
+    archive = ROOT.parent / "shared" / "webui" / "a1111-v1.10.1.tar.gz"
+    with tarfile.open(archive) as tar:
+        source = tar.extractfile("stable-diffusion-webui/modules/prompt_parser.py").read()
+    spec = importlib.util.spec_from_loader("a1111_prompt_parser", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    exec(compile(source, "a1111/modules/prompt_parser.py", "exec"), module.__dict__)
+    return module
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_fake_prompt_parser_reads_the_first_step_as_the_webui(real_prompt_parser, prompt):
+    from tests import webui_fakes as fake
+
+    def first_step_words(parser):
+        _, subprompts, _ = parser.get_multicond_prompt_list([prompt])
+        steps = [parser.get_learned_conditioning_prompt_schedules([s], 20)[0][0][1] for s in subprompts]
+        return subprompts, steps, ["".join(chunk for chunk, weight in parser.parse_prompt_attention(step)
+                                           if (chunk, weight) != ("BREAK", -1)) for step in steps]
+
+    assert first_step_words(fake) == first_step_words(real_prompt_parser)

@@ -9,6 +9,7 @@ as webui.md §2.1/§2.2/§2.8 describe, so tests can check the latent a sampler 
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 import types
 from dataclasses import dataclass, field
@@ -84,6 +85,112 @@ def api_error(error: Exception) -> APIError:
     body = {"error": type(error).__name__, "detail": vars(error).get("detail", ""),
             "body": vars(error).get("body", ""), "errors": str(error)}
     return APIError(vars(error).get("status_code", 500), not isinstance(error, HTTPException), body)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# modules.prompt_parser and modules.extra_networks.parse_prompt: the prompt syntax, re-written here for what the
+# extension reads (the first sampling step); tests/test_webui_support.py checks it against the real parser.
+
+_AND = re.compile(r"\bAND\b")
+_AND_WEIGHT = re.compile(r"\s*:\s*[-+]?(?:\d+\.?|\d*\.\d+)\s*$")
+_NUMBER = re.compile(r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*$")
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+class _Unbalanced(Exception):
+    pass
+
+
+def _when(text: str, steps: int) -> int:
+    """A prompt-editing step: "0.25" is a fraction of the steps, "5" a step number."""
+    value = float(text)
+    return min(steps, int(value * steps if "." in text else value))
+
+
+def _scheduled(opening: str, parts: list, separators: list, steps: int) -> str:
+    """One […] group at the first step: [a:when], [a:b:when], [a|b] resolve; [a] (de-emphasis) stays."""
+    literal = "".join(part + sep for part, sep in zip(parts, separators + [""], strict=True))
+    if opening == "(":
+        return f"({literal})"
+    if separators and all(sep == "|" for sep in separators):
+        return parts[0]
+    if separators == [":"] and _NUMBER.match(parts[1]):
+        return "" if 1 <= _when(parts[1].strip(), steps) else parts[0]
+    if separators == [":", ":"] and _NUMBER.match(parts[2]):
+        return parts[0] if 1 <= _when(parts[2].strip(), steps) else parts[1]
+    return f"[{literal}]"
+
+
+def _schedule(text: str, start: int, depth: int, steps: int):
+    parts, separators, i = [""], [], start
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text):
+            parts[-1] += text[i:i + 2]
+            i += 2
+        elif char in "([":
+            inner, inner_separators, i, closer = _schedule(text, i + 1, depth + 1, steps)
+            if closer is None:
+                raise _Unbalanced
+            parts[-1] += _scheduled(char, inner, inner_separators, steps)
+        elif char in ")]" and depth > 0:
+            return parts, separators, i + 1, char
+        elif char in ":|" and depth > 0 and (char == "|" or text[i - 1:i] != "\\"):
+            separators.append(char)
+            parts.append("")
+            i += 1
+        else:
+            parts[-1] += char
+            i += 1
+    return parts, separators, i, None
+
+
+def get_learned_conditioning_prompt_schedules(prompts, base_steps, hires_steps=None, use_old_scheduling=False):
+    """modules.prompt_parser's, for the first step only: [[[base_steps, the prompt at step 1]], ...]."""
+    schedules = []
+    for prompt in prompts:
+        try:
+            text = "".join(_schedule(prompt, 0, 0, base_steps)[0])
+        except _Unbalanced:
+            text = prompt  # the WebUI leaves a prompt it cannot parse as it is
+        schedules.append([[base_steps, text]])
+    return schedules
+
+
+def get_multicond_prompt_list(prompts):
+    """modules.prompt_parser's: the AND-separated sub-prompts without their weights, each once."""
+    flat, indexes, result = [], {}, []
+    for prompt in prompts:
+        entries = []
+        for subprompt in _AND.split(prompt):
+            weight = _AND_WEIGHT.search(subprompt)
+            text = subprompt[:weight.start()] if weight else subprompt.rstrip()
+            if text not in indexes:
+                indexes[text] = len(flat)
+                flat.append(text)
+            entries.append((indexes[text], float(weight.group().strip(" :")) if weight else 1.0))
+        result.append(entries)
+    return result, flat, indexes
+
+
+def parse_prompt_attention(text):
+    """modules.prompt_parser's chunks of text without emphasis syntax and escapes; BREAK is ["BREAK", -1]. The
+    weights are not modelled (1.0): the extension reads only the text."""
+    chunks = []
+    for index, piece in enumerate(re.split(r"\s*\bBREAK\b\s*", text)):
+        if index:
+            chunks.append(["BREAK", -1])
+        piece = re.sub(r"(?<!\\):\s*[+-]?[.\d]+\s*(?=\))", "", piece)
+        piece = re.sub(r"\\(.)|[()\[\]]", lambda m: m.group(1) or "", piece)
+        chunks.append([piece, 1.0])
+    return chunks
+
+
+def parse_extra_network_prompt(prompt):
+    """modules.extra_networks.parse_prompt: the prompt without <name:args> tags, and the tags."""
+    found = {}
+    text = _EXTRA_NETWORK.sub(lambda m: found.setdefault(m.group(1), []).append(m.group(2)) or "", prompt)
+    return text, found
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,7 +347,8 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
     """The fake ``modules`` package; returns (package, {name: submodule})."""
     subs = {name: types.ModuleType(f"modules.{name}") for name in (
         "scripts", "script_callbacks", "shared", "paths", "processing", "rng", "devices", "lowvram",
-        "sd_samplers_kdiffusion", "sd_samplers_timesteps", "sd_samplers_common", "ui_components", "ui_common")}
+        "sd_samplers_kdiffusion", "sd_samplers_timesteps", "sd_samplers_common", "ui_components", "ui_common",
+        "prompt_parser", "extra_networks")}
     base = type("Script", (Script,), {})
     if with_hook:
         base.process_before_every_sampling = lambda self, p, *args, **kwargs: None
@@ -274,6 +382,9 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
     subs["sd_samplers_kdiffusion"].KDiffusionSampler = KDiffusionSampler
     subs["sd_samplers_timesteps"].CompVisSampler = CompVisSampler
     subs["sd_samplers_common"].setup_img2img_steps = setup_img2img_steps
+    for function in (get_learned_conditioning_prompt_schedules, get_multicond_prompt_list, parse_prompt_attention):
+        setattr(subs["prompt_parser"], function.__name__, function)
+    subs["extra_networks"].parse_prompt = parse_extra_network_prompt
     subs["ui_components"].InputAccordion = type("InputAccordion", (Component,), {})
     subs["ui_common"].create_refresh_button = lambda *args, **kwargs: Component()
     package = types.ModuleType("modules")
