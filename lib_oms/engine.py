@@ -76,6 +76,10 @@ def oms_start(module, encoder, noise: torch.Tensor, prompts: str | Sequence[str]
     if encoder.kind != module.text_encoder:
         raise TextEncoderError(f"the OMS module {module.name} needs a {module.text_encoder} text encoder, "
                                f"got {encoder.kind}: choose the text encoder that matches the module")
+    if encoder.width != module.text_width:
+        raise TextEncoderError(f"the OMS module {module.name} reads {module.text_width}-wide text features but its "
+                               f"{encoder.kind} text encoder gives {encoder.width}-wide ones: the module's files say "
+                               "the wrong text encoder, or the text encoder file is another model's")
     if solver == "sde" and (z is None or z.shape != noise.shape):
         raise ValueError(f"the SDE solver needs fresh noise z of shape {tuple(noise.shape)}")
     prompts = _as_list(prompts, batch, "prompts")

@@ -335,13 +335,19 @@ def _lone_file_config(weights: Path, sidecar: dict, sidecar_path: Path, header: 
     return None, f"{weights} (config inferred from tensor shapes)"
 
 
-def load_module(path, device="cpu", dtype: torch.dtype = torch.float32) -> OMSModule:
-    """Load an OMS module from a released-layout folder or a lone .safetensors (see the module docstring).
+@dataclass(frozen=True)
+class _Checked:
+    """A module's files, checked without reading a tensor: what load_module needs before it reads the weights."""
 
-    Config: the folder's oms_module/config.json; for a lone file the sidecar's "unet_config", else the safetensors
-    metadata "oms_config" (JSON), else inferred from shapes. Latent space / text encoder: sidecar ``<name>.json``,
-    model_index.json, safetensors metadata, the name, the text width. Files are checked before tensors are read.
-    """
+    name: str
+    root: Path
+    weights: Path
+    config: dict
+    latent_space: str
+    text_encoder: str
+
+
+def _check_files(path, dtype: torch.dtype) -> _Checked:
     path = Path(path)
     if not path.exists():
         raise ModuleFileError(f"{path}: no such file or folder: put the OMS module there (a folder in the released "
@@ -372,19 +378,37 @@ def load_module(path, device="cpu", dtype: torch.dtype = torch.float32) -> OMSMo
     else:
         config = normalize_unet_config(raw, config_source)
     check_state_dict_shapes(header.shapes, config, weights, config_source)
-
     name = module_name(root)
     latent_space, text_encoder = _describe(
         name, [(sidecar, sidecar_path), (index, index_path), (header.metadata, weights)], config["cross_attention_dim"]
     )
-    tensors = load_file(str(weights))
+    return _Checked(name, root, weights, config, latent_space, text_encoder)
+
+
+def describe_module(path) -> tuple[str, str]:
+    """(latent space, text encoder) of a module, from its sidecar, model_index.json, safetensors metadata, name or
+    text width, without reading a tensor: choosing a module for a checkpoint loads only the one chosen."""
+    checked = _check_files(path, torch.float32)
+    return checked.latent_space, checked.text_encoder
+
+
+def load_module(path, device="cpu", dtype: torch.dtype = torch.float32) -> OMSModule:
+    """Load an OMS module from a released-layout folder or a lone .safetensors (see the module docstring).
+
+    Config: the folder's oms_module/config.json; for a lone file the sidecar's "unet_config", else the safetensors
+    metadata "oms_config" (JSON), else inferred from shapes. Latent space / text encoder: sidecar ``<name>.json``,
+    model_index.json, safetensors metadata, the name, the text width. Files are checked before tensors are read.
+    """
+    checked = _check_files(path, dtype)
+    tensors = load_file(str(checked.weights))
     not_finite = [key for key, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
     if not_finite:
-        raise ModuleFileError(f"{weights}: tensor '{not_finite[0]}' holds NaN or infinite values ({len(not_finite)} "
-                              "such tensor(s)): the file is corrupt; download or re-save it.")
+        raise ModuleFileError(f"{checked.weights}: tensor '{not_finite[0]}' holds NaN or infinite values "
+                              f"({len(not_finite)} such tensor(s)): the file is corrupt; download or re-save it.")
     tensors = {key: value.to(dtype) for key, value in tensors.items()}
-    unet = OMSUNet.from_state_dict(config, tensors).eval().requires_grad_(False).to(device)
-    return OMSModule(name, root, weights, config, unet, latent_space, text_encoder, short_hash(weights))
+    unet = OMSUNet.from_state_dict(checked.config, tensors).eval().requires_grad_(False).to(device)
+    return OMSModule(checked.name, checked.root, checked.weights, checked.config, unet, checked.latent_space,
+                     checked.text_encoder, short_hash(checked.weights))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -429,8 +453,20 @@ def save_module(folder, unet_or_state_dict, config: dict, *, latent_space: str, 
     return folder
 
 
+def _other_model(path: Path) -> bool:
+    """A lone .safetensors that is not an OMS module: a text encoder placed beside the modules (the name says
+    "text_encoder", as the text-encoder search expects) or a file whose tensors hold no OMS network. A file whose
+    header cannot be read stays listed, so that choosing it says what is wrong."""
+    if "text_encoder" in path.name.lower():
+        return True
+    try:
+        return "conv_in.weight" not in read_safetensors_header(path).shapes
+    except (ModuleFileError, OSError):
+        return False
+
+
 def find_modules(dirs) -> list[ModuleEntry]:
-    """Module folders and lone .safetensors in ``dirs``, sorted by name.
+    """Module folders and lone .safetensors in ``dirs``, sorted by name; text encoders and other models are left out.
 
     A folder counts when it has oms_module/ or model_index.json, so a half-downloaded module is listed and
     load_module can say what is missing instead of it silently not appearing. The same file reached twice
@@ -446,7 +482,7 @@ def find_modules(dirs) -> list[ModuleEntry]:
                 continue
             if child.is_dir() and ((child / COMPONENT).is_dir() or (child / "model_index.json").is_file()):
                 name = child.name
-            elif child.is_file() and child.suffix.lower() == ".safetensors":
+            elif child.is_file() and child.suffix.lower() == ".safetensors" and not _other_model(child):
                 name = module_name(child)
             else:
                 continue
@@ -478,6 +514,7 @@ class ModuleCache:
 
     def __init__(self, maxsize: int = 2):
         self.maxsize = maxsize
+        self.loads = 0  # modules read from disk so far (a caller can tell a load from a cache hit)
         self._entries: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
@@ -492,6 +529,7 @@ class ModuleCache:
                 return cached[1].to(device, dtype)  # the caller may have moved it (low-VRAM offload)
             self._entries.pop(key, None)
             module = load_module(path, device, dtype)
+            self.loads += 1
             self._entries[key] = (signature, module)
             while len(self._entries) > self.maxsize:
                 self._entries.popitem(last=False)

@@ -113,6 +113,11 @@ def tokenize(prompts: list[str], *, pad_id: int, max_length: int = MAX_LENGTH) -
     return ids
 
 
+def token_count(prompt: str) -> int:
+    """CLIP BPE tokens of ``prompt`` without the start and end tokens (more than ``max_length - 2`` are cut)."""
+    return len(_bpe().encode(prompt))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # open_clip -> transformers key conversion
 

@@ -11,7 +11,10 @@ variation seeds (slerp), seed resize, and the global reseeding its ``randn`` doe
 from __future__ import annotations
 
 import copy
+import csv
 import importlib.util
+import io
+import re
 import sys
 import types
 from dataclasses import dataclass, field
@@ -49,6 +52,150 @@ def make_gradio():
         setattr(gr, name, type(name, (Component,), {}))
     gr.update = lambda **kwargs: {"__type__": "update", **kwargs}
     return gr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fastapi (the WebUI's API server)
+
+class HTTPException(Exception):
+    """fastapi.exceptions.HTTPException (starlette's): the status and detail are instance attributes."""
+
+    def __init__(self, status_code, detail=None, headers=None):
+        self.status_code, self.detail, self.headers = status_code, detail, headers
+
+    def __str__(self):
+        return f"{self.status_code}: {self.detail}"
+
+
+def make_fastapi():
+    fastapi = types.ModuleType("fastapi")
+    fastapi.__path__ = []
+    exceptions = types.ModuleType("fastapi.exceptions")
+    exceptions.HTTPException = fastapi.HTTPException = HTTPException
+    fastapi.exceptions = exceptions
+    return {"fastapi": fastapi, "fastapi.exceptions": exceptions}
+
+
+@dataclass
+class APIError:
+    status: int
+    traceback_printed: bool
+    body: dict
+
+
+def api_error(error: Exception) -> APIError:
+    """What the WebUI's API answers for an exception raised while generating (modules/api/api.py,
+    handle_exception): the status is the exception's ``status_code`` instance attribute, else 500, and the
+    traceback is printed to the console unless the exception is an HTTPException."""
+    body = {"error": type(error).__name__, "detail": vars(error).get("detail", ""),
+            "body": vars(error).get("body", ""), "errors": str(error)}
+    return APIError(vars(error).get("status_code", 500), not isinstance(error, HTTPException), body)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# modules.prompt_parser and modules.extra_networks.parse_prompt: the prompt syntax, re-written here for what the
+# extension reads (the first sampling step); tests/test_webui_support.py checks it against the real parser.
+
+_AND = re.compile(r"\bAND\b")
+_AND_WEIGHT = re.compile(r"\s*:\s*[-+]?(?:\d+\.?|\d*\.\d+)\s*$")
+_NUMBER = re.compile(r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*$")
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+class _Unbalanced(Exception):
+    pass
+
+
+def _when(text: str, steps: int) -> int:
+    """A prompt-editing step: "0.25" is a fraction of the steps, "5" a step number."""
+    value = float(text)
+    return min(steps, int(value * steps if "." in text else value))
+
+
+def _scheduled(opening: str, parts: list, separators: list, steps: int) -> str:
+    """One […] group at the first step: [a:when], [a:b:when], [a|b] resolve; [a] (de-emphasis) stays."""
+    literal = "".join(part + sep for part, sep in zip(parts, separators + [""], strict=True))
+    if opening == "(":
+        return f"({literal})"
+    if separators and all(sep == "|" for sep in separators):
+        return parts[0]
+    if separators == [":"] and _NUMBER.match(parts[1]):
+        return "" if 1 <= _when(parts[1].strip(), steps) else parts[0]
+    if separators == [":", ":"] and _NUMBER.match(parts[2]):
+        return parts[0] if 1 <= _when(parts[2].strip(), steps) else parts[1]
+    return f"[{literal}]"
+
+
+def _schedule(text: str, start: int, depth: int, steps: int):
+    parts, separators, i = [""], [], start
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text):
+            parts[-1] += text[i:i + 2]
+            i += 2
+        elif char in "([":
+            inner, inner_separators, i, closer = _schedule(text, i + 1, depth + 1, steps)
+            if closer is None:
+                raise _Unbalanced
+            parts[-1] += _scheduled(char, inner, inner_separators, steps)
+        elif char in ")]" and depth > 0:
+            return parts, separators, i + 1, char
+        elif char in ":|" and depth > 0 and (char == "|" or text[i - 1:i] != "\\"):
+            separators.append(char)
+            parts.append("")
+            i += 1
+        else:
+            parts[-1] += char
+            i += 1
+    return parts, separators, i, None
+
+
+def get_learned_conditioning_prompt_schedules(prompts, base_steps, hires_steps=None, use_old_scheduling=False):
+    """modules.prompt_parser's, for the first step only: [[[base_steps, the prompt at step 1]], ...]."""
+    schedules = []
+    for prompt in prompts:
+        try:
+            text = "".join(_schedule(prompt, 0, 0, base_steps)[0])
+        except _Unbalanced:
+            text = prompt  # the WebUI leaves a prompt it cannot parse as it is
+        schedules.append([[base_steps, text]])
+    return schedules
+
+
+def get_multicond_prompt_list(prompts):
+    """modules.prompt_parser's: the AND-separated sub-prompts without their weights, each once."""
+    flat, indexes, result = [], {}, []
+    for prompt in prompts:
+        entries = []
+        for subprompt in _AND.split(prompt):
+            weight = _AND_WEIGHT.search(subprompt)
+            text = subprompt[:weight.start()] if weight else subprompt.rstrip()
+            if text not in indexes:
+                indexes[text] = len(flat)
+                flat.append(text)
+            entries.append((indexes[text], float(weight.group().strip(" :")) if weight else 1.0))
+        result.append(entries)
+    return result, flat, indexes
+
+
+def parse_prompt_attention(text):
+    """modules.prompt_parser's chunks of text without emphasis syntax and escapes; BREAK is ["BREAK", -1]. The
+    weights are not modelled (1.0): the extension reads only the text."""
+    chunks = []
+    for index, piece in enumerate(re.split(r"\s*\bBREAK\b\s*", text)):
+        if index:
+            chunks.append(["BREAK", -1])
+        piece = re.sub(r"(?<!\\):\s*[+-]?[.\d]+\s*(?=\))", "", piece)
+        piece = re.sub(r"\\(.)|[()\[\]]", lambda m: m.group(1) or "", piece)
+        chunks.append([piece, 1.0])
+    return chunks
+
+
+def parse_extra_network_prompt(prompt):
+    """modules.extra_networks.parse_prompt: the prompt without <name:args> tags, and the tags."""
+    found = {}
+    text = _EXTRA_NETWORK.sub(lambda m: found.setdefault(m.group(1), []).append(m.group(2)) or "", prompt)
+    return text, found
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,7 +425,8 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
     """The fake ``modules`` package; returns (package, {name: submodule})."""
     subs = {name: types.ModuleType(f"modules.{name}") for name in (
         "scripts", "script_callbacks", "shared", "paths", "processing", "rng", "devices", "lowvram",
-        "sd_samplers_kdiffusion", "sd_samplers_timesteps", "sd_samplers_common", "ui_components", "ui_common")}
+        "sd_samplers_kdiffusion", "sd_samplers_timesteps", "sd_samplers_common", "ui_components", "ui_common",
+        "prompt_parser", "extra_networks")}
     base = type("Script", (Script,), {})
     if with_hook:
         base.process_before_every_sampling = lambda self, p, *args, **kwargs: None
@@ -286,7 +434,7 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
     subs["scripts"].AlwaysVisible = object()
     subs["scripts"].scripts_data = []
     callbacks = subs["script_callbacks"]
-    callbacks.registered = {"ui_settings": [], "before_ui": [], "model_loaded": []}
+    callbacks.registered = {"ui_settings": [], "before_ui": [], "model_loaded": [], "app_started": []}
     for name in callbacks.registered:
         setattr(callbacks, f"on_{name}", callbacks.registered[name].append)
     shared = subs["shared"]
@@ -314,6 +462,9 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
     subs["sd_samplers_kdiffusion"].KDiffusionSampler = KDiffusionSampler
     subs["sd_samplers_timesteps"].CompVisSampler = CompVisSampler
     subs["sd_samplers_common"].setup_img2img_steps = setup_img2img_steps
+    for function in (get_learned_conditioning_prompt_schedules, get_multicond_prompt_list, parse_prompt_attention):
+        setattr(subs["prompt_parser"], function.__name__, function)
+    subs["extra_networks"].parse_prompt = parse_extra_network_prompt
     subs["ui_components"].InputAccordion = type("InputAccordion", (Component,), {})
     subs["ui_common"].create_refresh_button = lambda *args, **kwargs: Component()
     package = types.ModuleType("modules")
@@ -403,11 +554,24 @@ class AxisOption:
     def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
         self.label, self.type, self.apply, self.confirm, self.choices, self.cost = (
             label, type, apply, confirm, choices, cost)
+        self.prepare = prepare  # A1111 1.9+, Forge, reForge; 1.6-1.8 have no prepare
+
+
+def csv_string_to_list_strip(text):
+    """xyz_grid's: the comma-separated values, stripped (CSV quoting allowed)."""
+    return [value.strip() for row in csv.reader(io.StringIO(text), skipinitialspace=True) for value in row]
+
+
+_XYZ_NUMBER = r"\s*([+-]?\s*\d+(?:.\d*)?)"
 
 
 def add_xyz_script(webui: WebUI) -> types.SimpleNamespace:
     """The X/Y/Z plot script as the extension finds it in ``scripts.scripts_data``; returns its module."""
-    module = types.SimpleNamespace(AxisOption=AxisOption, axis_options=[AxisOption("Seed", int, None)])
+    module = types.SimpleNamespace(
+        AxisOption=AxisOption, axis_options=[AxisOption("Seed", int, None)],
+        csv_string_to_list_strip=csv_string_to_list_strip,
+        re_range_float=re.compile(_XYZ_NUMBER + r"\s*-" + _XYZ_NUMBER + r"(?:\s*\(([+-]\d+(?:.\d*)?)\s*\))?\s*"),  # 1-2 (+0.5)
+        re_range_count_float=re.compile(_XYZ_NUMBER + r"\s*-" + _XYZ_NUMBER + r"(?:\s*\[(\d+(?:.\d*)?)\s*])?\s*"))  # 1-2 [3]
     data = types.SimpleNamespace(script_class=type("Script", (), {"__module__": "xyz_grid.py"}), module=module)
     webui.modules["scripts"].scripts_data.append(data)
     return module
@@ -418,6 +582,8 @@ def install(monkeypatch, models_path: Path, *, with_hook: bool = True, opts: dic
     fresh, as the WebUI loads it."""
     package, subs = make_modules(models_path, with_hook=with_hook, opts=opts)
     monkeypatch.setitem(sys.modules, "gradio", make_gradio())
+    for name, module in make_fastapi().items():
+        monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setitem(sys.modules, "modules", package)
     for name, module in subs.items():
         monkeypatch.setitem(sys.modules, f"modules.{name}", module)

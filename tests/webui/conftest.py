@@ -99,3 +99,11 @@ def script_info(server):
     reply = api.get("/sdapi/v1/script-info")
     assert reply.status == 200, reply.text[:500]
     return reply.body
+
+
+@pytest.fixture(scope="session")
+def console(server):
+    """The server's console output (SD_WEBUI_LOG: the file the harness sends the server's stdout and stderr to)."""
+    if not api.CONSOLE_LOG:
+        pytest.skip("SD_WEBUI_LOG is not set: the server's console output is not available")
+    return api.Console(api.CONSOLE_LOG)
