@@ -101,12 +101,14 @@ class GraphedCall:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):  # one eager call first: lets cuBLAS/cuDNN set up outside the graph
             self.fn(*static)
-        torch.cuda.current_stream(device).wait_stream(stream)
+        caller_stream = torch.cuda.current_stream(device)
+        caller_stream.wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode=CAPTURE_ERROR_MODE):
                 output = self.fn(*static)
         except Exception as error:  # ROCm/ZLUDA builds, drivers, out of memory during capture
+            torch.cuda.set_stream(caller_stream)  # torch.cuda.graph leaves its stream current when capture_end fails
             self._fail(f"capture failed: {type(error).__name__}: {error}")
             return None
         if self._pool is None:

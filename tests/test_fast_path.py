@@ -73,7 +73,7 @@ class FakeCuda:
     def install(self, monkeypatch):
         monkeypatch.setattr(cuda_graphs, "GRAPH_DEVICE_TYPE", "cpu")
         monkeypatch.setattr(cuda_graphs, "CAPTURE_MODE_SUPPORTED", True)
-        for name in ("device", "Stream", "current_stream", "stream", "CUDAGraph", "graph",
+        for name in ("device", "Stream", "current_stream", "stream", "set_stream", "CUDAGraph", "graph",
                      "is_current_stream_capturing"):
             monkeypatch.setattr(torch.cuda, name, getattr(self, name))
         return self
@@ -96,6 +96,9 @@ class FakeCuda:
     @contextlib.contextmanager
     def stream(self, stream):
         yield
+
+    def set_stream(self, stream):
+        self.seen.append(("set_stream", stream.device, self.current))
 
     def CUDAGraph(self):  # noqa: N802 (torch's name)
         graph = FakeGraph(self)
@@ -190,6 +193,8 @@ def test_a_failed_capture_falls_back_to_eager_once_and_says_so(monkeypatch, capl
             x = inputs(seed)
             assert torch.equal(graphed(*x), Network.compute(*x))
     assert len(cuda.captures) == 1 and len(graphed) == 0  # never tried again
+    device = str(x[0].device)
+    assert ("set_stream", device, device) in cuda.seen  # the caller's stream is current again
     (record,) = caplog.records
     assert "the test network runs without CUDA graphs from now on" in record.getMessage()
     assert "hipErrorNotSupported" in record.getMessage()
