@@ -188,11 +188,17 @@ def test_channels_last_on_the_gpu(folder):
     plain = module.forward(sample, context)
     module.set_speed_options(channels_last=True)
     fast = module.forward(sample, context)
-    assert (fast.float() - plain.float()).abs().max().item() < 2e-2 and len(module._graphed) == 1
+    assert close_in_fp16(fast, plain) and len(module._graphed) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The text encoder on the fast path (token ids made by hand: no tokenizer needed on the GPU machine)
+
+
+def close_in_fp16(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal within a few fp16 roundings of the largest value (fp16 keeps 11 significant bits)."""
+    a, b = a.float(), b.float()
+    return (a - b).abs().max().item() <= 8 * 2**-11 * b.abs().max().item()
 
 
 def token_ids(batch: int, seed: int) -> torch.Tensor:
@@ -210,12 +216,11 @@ def token_ids(batch: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_the_text_encoder_replays_graphs_per_batch_size(dtype):
     encoder = tiny_openclip_encoder(seed=4, device="cuda", dtype=dtype)
-    atol = 2e-3 if dtype == torch.float16 else 1e-5
     for batch, seed in ((1, 1), (2, 2), (1, 3), (2, 4)):
         ids = token_ids(batch, seed)
         graphed = encoder.features(ids)
         eager = encoder._features(ids.cuda())
-        assert (graphed.float() - eager.float()).abs().max().item() < atol
+        assert close_in_fp16(graphed, eager) if dtype == torch.float16 else torch.allclose(graphed, eager, atol=1e-5)
     assert len(encoder._graphed) == 2 and encoder._graphed.failure is None
 
 
@@ -225,9 +230,8 @@ def test_a_batch_of_prompts_on_the_gpu_encodes_as_each_alone():
     ids = token_ids(3, 7)
     together = encoder.features(ids)
     alone = torch.cat([encoder.features(ids[i:i + 1]) for i in range(3)])
-    error = (together.float() - alone.float()).abs().max().item()
-    print("fp16 batch of 3 vs each alone, max |diff|:", error)
-    assert error < 2e-3  # fp16 rounding of differently batched kernels
+    print("fp16 batch of 3 vs each alone, max |diff|:", (together.float() - alone.float()).abs().max().item())
+    assert close_in_fp16(together, alone)  # the rounding of differently batched kernels
 
 
 @needs_cuda
