@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .cuda_graphs import GraphedNetwork
+from .cuda_graphs import GraphedCall
 from .errors import LatentSpaceError, ModuleFileError
 from .unet import OMSUNet, infer_unet_config, normalize_unet_config, parameter_shapes
 
@@ -65,13 +65,37 @@ class OMSModule:
     cuda_graphs: bool = True
 
     def __post_init__(self):
-        self._graphed = GraphedNetwork(self.unet)
+        self.channels_last = False
+        self._network = self.unet
+        self._graphed = self._new_graphs()
+
+    def _new_graphs(self) -> GraphedCall:
+        return GraphedCall(self._network, [self.unet], name=f"the OMS module {self.name}")
+
+    def set_speed_options(self, *, channels_last: bool = False, compile: bool = False) -> None:
+        """GPU options, off by default, that ``bench/bench_oms.py`` measures side by side.
+
+        ``channels_last`` stores the convolution weights and runs the network in NHWC layout; ``compile`` runs it
+        through ``torch.compile`` (the first call of each input shape compiles, which takes a minute or more).
+        Either gives the same results up to float rounding. Captured CUDA graphs are dropped.
+        """
+        self.channels_last = channels_last
+        self.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self._network = torch.compile(self.unet, dynamic=False) if compile else self.unet
+        self._graphed.clear()
+        self._graphed = self._new_graphs()
 
     def forward(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """The network's prediction v for unit noise ``sample`` and text features ``encoder_hidden_states``."""
+        if self.channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last)
         if self.cuda_graphs:
             return self._graphed(sample, encoder_hidden_states)
-        return self.unet(sample, encoder_hidden_states)
+        return self._network(sample, encoder_hidden_states)
+
+    def release_graphs(self) -> None:
+        """Drop the captured CUDA graphs and their memory (they are captured again when next needed)."""
+        self._graphed.clear()
 
     @property
     def device(self) -> torch.device:
@@ -87,10 +111,8 @@ class OMSModule:
         return self.config["cross_attention_dim"]
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> OMSModule:
-        weights_at = self.unet.conv_in.weight.data_ptr()
         self.unet.to(device=device, dtype=dtype)
-        if self.unet.conv_in.weight.data_ptr() != weights_at:
-            self._graphed.clear()  # the captured CUDA graphs read the weights where they were
+        self._graphed.clear_if_moved()  # the captured CUDA graphs read the weights where they were
         return self
 
 
@@ -527,14 +549,19 @@ class ModuleCache:
             if cached is not None and cached[0] == signature:
                 self._entries.move_to_end(key)
                 return cached[1].to(device, dtype)  # the caller may have moved it (low-VRAM offload)
-            self._entries.pop(key, None)
+            stale = self._entries.pop(key, None)
+            if stale is not None:
+                stale[1].release_graphs()
             module = load_module(path, device, dtype)
             self.loads += 1
             self._entries[key] = (signature, module)
             while len(self._entries) > self.maxsize:
-                self._entries.popitem(last=False)
+                self._entries.popitem(last=False)[1][1].release_graphs()
             return module
 
     def clear(self) -> None:
+        """Forget every module; their CUDA graphs are freed now even if a module is still referenced elsewhere."""
         with self._lock:
+            for _signature, module in self._entries.values():
+                module.release_graphs()
             self._entries.clear()

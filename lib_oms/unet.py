@@ -416,10 +416,18 @@ class SpatialTransformer(nn.Module):
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)
-        h = h.reshape(batch, height, width, h.shape[-1]).permute(0, 3, 1, 2).contiguous()
+        # back to [B, C, h, w] in the input's layout: channels-last is this permute's own layout, so no copy
+        h = h.reshape(batch, height, width, h.shape[-1]).permute(0, 3, 1, 2).contiguous(memory_format=_layout(x))
         if not self.linear:
             h = self.proj_out(h)
         return h + x
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last if ``x`` [B, C, h, w] is stored channels-last (the GPU speed option), else contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class Downsample(nn.Module):

@@ -341,6 +341,7 @@ def prepare(p, args: OMSArgs) -> Plan:
                                   setting_path=option("oms_text_encoder_path", ""),
                                   module_dirs=module_dirs(), hub_dir=huggingface_hub_dir())
     plan.encoder = load_encoder(plan.module.text_encoder, source, sd_model, home, dtype)
+    plan.encoder.encoder.cuda_graphs = plan.module.cuda_graphs
     p.extra_generation_params.update(infotext_params(args, module_label(entry.name, plan.module.short_hash)))
     requested_hash = module_hash(args.module)
     if requested_hash and requested_hash != plan.module.short_hash.lower():

@@ -70,7 +70,7 @@ def test_cfg_uses_the_negative_prompt_in_one_batched_call():
     expected = math.sqrt(start.alpha_bar0) * x0_hat + math.sqrt(1 - start.alpha_bar0) * z
     assert torch.allclose(out, expected, atol=1e-5)
     assert module.calls == [4]
-    assert encoder.calls == [["dark", "dark"], ["bright", "bright"]]
+    assert encoder.calls == [["bright", "bright", "dark", "dark"]]  # negative and positive prompts in one call
 
 
 def test_sgm_noise_multiplier_hands_over_the_vp_latent():

@@ -570,8 +570,10 @@ def add_xyz_script(webui: WebUI) -> types.SimpleNamespace:
     module = types.SimpleNamespace(
         AxisOption=AxisOption, axis_options=[AxisOption("Seed", int, None)],
         csv_string_to_list_strip=csv_string_to_list_strip,
-        re_range_float=re.compile(_XYZ_NUMBER + r"\s*-" + _XYZ_NUMBER + r"(?:\s*\(([+-]\d+(?:.\d*)?)\s*\))?\s*"),  # 1-2 (+0.5)
-        re_range_count_float=re.compile(_XYZ_NUMBER + r"\s*-" + _XYZ_NUMBER + r"(?:\s*\[(\d+(?:.\d*)?)\s*])?\s*"))  # 1-2 [3]
+        re_range_float=re.compile(  # 1-2 (+0.5)
+            _XYZ_NUMBER + r"\s*-" + _XYZ_NUMBER + r"(?:\s*\(([+-]\d+(?:.\d*)?)\s*\))?\s*"),
+        re_range_count_float=re.compile(  # 1-2 [3]
+            _XYZ_NUMBER + r"\s*-" + _XYZ_NUMBER + r"(?:\s*\[(\d+(?:.\d*)?)\s*])?\s*"))
     data = types.SimpleNamespace(script_class=type("Script", (), {"__module__": "xyz_grid.py"}), module=module)
     webui.modules["scripts"].scripts_data.append(data)
     return module
