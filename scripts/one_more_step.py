@@ -172,7 +172,7 @@ def sampler_kind(sampler) -> tuple[str | None, str]:
 
 def timestep_alphas(p):
     """ᾱ the timestep samplers use (A1111: the model's; Forge 2: set on the sampler's denoiser)."""
-    wrap = p.sampler.model_wrap
+    wrap = getattr(p.sampler, "model_wrap", None)  # A1111 1.6-1.8's CompVisSampler has none
     for owner in (wrap, getattr(wrap, "inner_model", None), p.sd_model):
         if getattr(owner, "alphas_cumprod", None) is not None:
             return owner.alphas_cumprod.float().cpu()

@@ -30,6 +30,7 @@ from tests.webui_fakes import (
     api_error,
     install,
     randn_local,
+    sd_alphas_cumprod,
 )
 
 ON = [True, "Automatic", "", "", 1.0, "SDE"]
@@ -180,6 +181,17 @@ def test_timestep_samplers_start_at_the_oms_latent(webui, oms_dir, funcname, fir
     p = txt2img(sampler, seeds=[5], sampler_name=funcname.__name__)
     start = webui.run(p, ON)[0]
     alpha = float(sampler.model_wrap.inner_model.alphas_cumprod[first])
+    x0 = expected_x0(oms_dir, "oms_tiny_15_21", unit_noise([5]), ["a dark alley"])
+    assert torch.allclose(start, math.sqrt(alpha) * x0 + math.sqrt(1 - alpha) * fresh_z([5]), atol=1e-5)
+
+
+def test_timestep_sampler_of_a1111_1_6_reads_the_models_alphas(webui, oms_dir):
+    """A1111 1.6-1.8's CompVisSampler has no model_wrap (the real 1.6.0 answered 'no attribute model_wrap')."""
+    sampler = CompVisSampler(ddim, with_model_wrap=False)
+    model = FakeSDModel()
+    model.alphas_cumprod = sd_alphas_cumprod() ** 1.1  # another schedule: the start must follow the model's
+    start = webui.run(txt2img(sampler, seeds=[5], sampler_name="ddim", sd_model=model), ON)[0]
+    alpha = float(model.alphas_cumprod[951])
     x0 = expected_x0(oms_dir, "oms_tiny_15_21", unit_noise([5]), ["a dark alley"])
     assert torch.allclose(start, math.sqrt(alpha) * x0 + math.sqrt(1 - alpha) * fresh_z([5]), atol=1e-5)
 

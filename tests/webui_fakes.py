@@ -243,12 +243,16 @@ class KDiffusionSampler:
 
 
 class CompVisSampler:
-    """DDIM/PLMS/UniPC: the noise is the VP latent itself (webui.md §2.2); img2img noises at timesteps[t_enc]."""
+    """DDIM/PLMS/UniPC: the noise is the VP latent itself (webui.md §2.2); img2img noises at timesteps[t_enc].
 
-    def __init__(self, funcname, alphas=None):
+    ᾱ lives on ``model_wrap.inner_model`` (A1111 1.9+, Forge, reForge); A1111 1.6-1.8's sampler has no
+    ``model_wrap`` (``with_model_wrap=False``) and reads the loaded model's ᾱ."""
+
+    def __init__(self, funcname, alphas=None, with_model_wrap=True):
         self.funcname = funcname
-        self.model_wrap = types.SimpleNamespace(
-            inner_model=types.SimpleNamespace(alphas_cumprod=alphas if alphas is not None else sd_alphas_cumprod()))
+        if with_model_wrap:
+            self.model_wrap = types.SimpleNamespace(
+                inner_model=types.SimpleNamespace(alphas_cumprod=alphas if alphas is not None else sd_alphas_cumprod()))
 
     def get_timesteps(self, p, steps):
         return torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
@@ -256,7 +260,9 @@ class CompVisSampler:
     def start(self, p, noise, opts):
         if p.mode == "img2img":
             steps, t_enc = setup_img2img_steps(p)
-            alpha = self.model_wrap.inner_model.alphas_cumprod[self.get_timesteps(p, steps)[t_enc]]
+            alphas = self.model_wrap.inner_model.alphas_cumprod if hasattr(self, "model_wrap") else \
+                p.sd_model.alphas_cumprod
+            alpha = alphas[self.get_timesteps(p, steps)[t_enc]]
             return p.init_latent * alpha.sqrt() + noise * (1 - alpha).sqrt()
         return noise
 
@@ -360,6 +366,7 @@ class FakeSDModel:
         self.is_sd3 = family == "sd3"
         self.latent_channels = latent_channels
         self.lowvram = False
+        self.alphas_cumprod = sd_alphas_cumprod()  # LatentDiffusion's buffer
         self.sd_checkpoint_info = types.SimpleNamespace(filename=checkpoint)
         if self.is_sdxl:
             keys = ["txt"] if family == "sdxl-refiner" else ["txt", "txt"]
