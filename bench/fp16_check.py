@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_oms import read_config  # noqa: E402
+from bench_oms import read_config, use_tokenizer  # noqa: E402
 
 from lib_oms.engine import oms_start, predict_v, seeded_unit_noise  # noqa: E402
 from lib_oms.modules import load_module, save_module  # noqa: E402
@@ -32,6 +32,7 @@ def main() -> None:
     from transformers import CLIPTextModel
 
     device = torch.device("cuda")
+    print("tokenizer:", use_tokenizer())
     torch.manual_seed(0)
     config = normalize_unet_config(read_config("oms_b_unet.json"), "OMS-B config")
     tower = CLIPTextModel(clip_text_config(OPENCLIP_VIT_H14, 23)).state_dict()

@@ -1,78 +1,145 @@
-"""Replay the OMS network as CUDA graphs.
+"""Replay the OMS network and its text encoder as CUDA graphs.
 
 One eager OMS-B call is bound by kernel launches, not arithmetic: on an H200 it takes 17.6 ms at batch 1, 64×64,
 and 3.9 ms replayed from a captured graph (bench/bench_oms.py). A graph is captured once per input shape and dtype
-and replayed for every later generation of that size.
+and replayed for every later call of that shape; the text encoder's input is always [batch, 77] token ids, so it
+is captured the same way.
+
+What makes it safe on every setup:
+
+- Capture and replay run under ``torch.cuda.device(inputs' device)`` with a capture stream made on that device:
+  the WebUI never calls ``torch.cuda.set_device``, so with ``--device-id 1`` the current device stays cuda:0.
+- Capture uses ``capture_error_mode="thread_local"`` (what torch.compile's own CUDA graphs use). "global" would
+  forbid unsafe CUDA calls in *every* thread while we capture, so the WebUI's live preview, which decodes latents
+  in the HTTP thread, could fail or break the capture. "relaxed" would also allow our own thread's unsafe calls,
+  so a broken capture could go unnoticed. Torch older than 2.1 has no such mode: there the calls run eagerly.
+- One process-wide lock: torch allows one capture at a time per process, and a graph's input and output buffers
+  are shared by every caller.
+- A capture that fails (ROCm or ZLUDA builds, drivers, out of memory during capture) is said once in the console
+  and that call site runs eagerly from then on; errors of the eager call itself are not caught.
+- The graphs of one call site share one memory pool (safe: they never run at the same time and each output is
+  copied out at once), which keeps its activation memory; ``torch.cuda.empty_cache`` cannot return it while the
+  graphs live. They are dropped, and the pool freed, when the weights move, by ``clear()``, and with their owner:
+  nothing here holds a reference back to the module or encoder that owns it.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
+import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+LOG = logging.getLogger("lib_oms")
+GRAPH_DEVICE_TYPE = "cuda"  # calls on this device type are captured (the CPU tests use "cpu" with a fake torch.cuda)
+CAPTURE_ERROR_MODE = "thread_local"
+# torch.cuda.graph gained capture_error_mode in torch 2.1 (the WebUI 1.6/1.7 ship torch 2.0.1)
+CAPTURE_MODE_SUPPORTED = "capture_error_mode" in inspect.signature(torch.cuda.graph.__init__).parameters
+_LOCK = threading.RLock()
 
 
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    sample: torch.Tensor
-    context: torch.Tensor
+    inputs: tuple[torch.Tensor, ...]
     output: torch.Tensor
 
 
-class GraphedNetwork:
-    """Calls ``network(sample, context)``; on a CUDA device through a captured graph per input shape.
+class GraphedCall:
+    """Calls ``fn(*inputs) -> Tensor``; on a CUDA device through a graph captured per input shapes and dtypes.
 
-    A graph reads the weights where they were at capture, so every graph is dropped when the weights move
-    (``clear()`` is also called by ``OMSModule.to``). Keeps the ``max_graphs`` most recently used graphs: each holds
-    its own activation memory.
+    ``weights`` are the modules ``fn`` reads: a graph reads them where they were at capture, so every graph is
+    dropped when they move. Keeps the ``max_graphs`` most recently used graphs. ``fn`` must not hold a reference to
+    the object that owns this GraphedCall, so that dropping the owner frees the graphs at once.
     """
 
-    def __init__(self, network: torch.nn.Module, max_graphs: int = 2):
-        self.network = network
+    def __init__(self, fn: Callable[..., torch.Tensor], weights: Sequence[torch.nn.Module], *, name: str,
+                 max_graphs: int = 2):
+        self.fn = fn
+        self.weights = list(weights)
+        self.name = name
         self.max_graphs = max_graphs
+        self.failure: str | None = None  # why graphs are off for good at this call site, once said
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
-        self._weights_at: int | None = None
-
-    def clear(self) -> None:
-        self._graphs.clear()
-        self._weights_at = None
+        self._weights_at: tuple | None = None
+        self._stream: torch.cuda.Stream | None = None  # one capture stream and one pool for all the graphs
+        self._pool = None
 
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def _capture(self, sample: torch.Tensor, context: torch.Tensor) -> _Captured:
-        static_sample, static_context = sample.clone(), context.clone()
-        side_stream = torch.cuda.Stream(sample.device)
-        side_stream.wait_stream(torch.cuda.current_stream(sample.device))
-        with torch.cuda.stream(side_stream):  # one eager call first: lets cuBLAS/cuDNN set up outside the graph
-            self.network(static_sample, static_context)
-        torch.cuda.current_stream(sample.device).wait_stream(side_stream)
+    def clear(self) -> None:
+        """Drop every graph; their memory pools go back to torch's allocator (``empty_cache`` then frees them)."""
+        with _LOCK:
+            self._graphs.clear()
+            self._weights_at = self._stream = self._pool = None
+
+    def _where_weights_are(self) -> tuple:
+        return tuple(next(module.parameters()).data_ptr() for module in self.weights)
+
+    def clear_if_moved(self) -> None:
+        """Drop the graphs if the weights are no longer where they were captured (call after moving them)."""
+        with _LOCK:
+            if self._weights_at is not None and self._where_weights_are() != self._weights_at:
+                self.clear()
+
+    def _fail(self, why: str) -> None:
+        self.failure = why
+        LOG.warning(f"One More Step: {self.name} runs without CUDA graphs from now on ({why}); results are the same, "
+                    "only slower")
+
+    def _capture(self, inputs: Sequence[torch.Tensor]) -> _Captured | None:
+        device = inputs[0].device
+        static = tuple(x.clone() for x in inputs)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # one eager call first: lets cuBLAS/cuDNN set up outside the graph
+            self.fn(*static)
+        caller_stream = torch.cuda.current_stream(device)
+        caller_stream.wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = self.network(static_sample, static_context)
-        return _Captured(graph, static_sample, static_context, output)
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode=CAPTURE_ERROR_MODE):
+                output = self.fn(*static)
+        except Exception as error:  # ROCm/ZLUDA builds, drivers, out of memory during capture
+            torch.cuda.set_stream(caller_stream)  # torch.cuda.graph leaves its stream current when capture_end fails
+            self._fail(f"capture failed: {type(error).__name__}: {error}")
+            return None
+        if self._pool is None:
+            self._pool = graph.pool()
+        return _Captured(graph, static, output)
 
     @torch.no_grad()
-    def __call__(self, sample: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if sample.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            return self.network(sample, context)
-        weights_at = next(self.network.parameters()).data_ptr()
-        if weights_at != self._weights_at:
-            self.clear()
-            self._weights_at = weights_at
-        key = (tuple(sample.shape), tuple(context.shape), sample.dtype, context.dtype, sample.device)
-        captured = self._graphs.get(key)
-        if captured is None:
-            with torch.autocast("cuda", enabled=False):  # the graph runs in the module's own dtype
-                captured = self._capture(sample, context)
-            self._graphs[key] = captured
-            while len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
-        else:
-            self._graphs.move_to_end(key)
-            captured.sample.copy_(sample)
-            captured.context.copy_(context)
-        captured.graph.replay()
-        return captured.output.clone()
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        device = inputs[0].device
+        if device.type != GRAPH_DEVICE_TYPE or self.failure is not None or torch.cuda.is_current_stream_capturing():
+            return self.fn(*inputs)
+        if not CAPTURE_MODE_SUPPORTED:
+            self._fail(f"torch {torch.__version__} cannot capture without blocking other threads; torch 2.1 can")
+            return self.fn(*inputs)
+        with _LOCK, torch.cuda.device(device), torch.autocast(device.type, enabled=False):  # in the weights' dtype
+            weights_at = self._where_weights_are()
+            if weights_at != self._weights_at:
+                self.clear()
+                self._weights_at = weights_at
+            key = tuple((tuple(x.shape), x.dtype, x.device) for x in inputs)
+            captured = self._graphs.get(key)
+            if captured is None:
+                captured = self._capture(inputs)
+                if captured is None:
+                    return self.fn(*inputs)
+                self._graphs[key] = captured
+                while len(self._graphs) > self.max_graphs:
+                    self._graphs.popitem(last=False)
+            else:
+                self._graphs.move_to_end(key)
+                for static, x in zip(captured.inputs, inputs, strict=True):
+                    static.copy_(x)
+            captured.graph.replay()
+            return captured.output.clone()

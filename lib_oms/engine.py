@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -43,17 +44,32 @@ def _as_list(prompts: str | Sequence[str], batch_size: int, what: str) -> list[s
     return prompts
 
 
+def own_precision(device: torch.device):
+    """A context in which the OMS module and text encoder run in their weights' dtype on ``device``.
+
+    The WebUI samples under its fp16 autocast: without this, an fp32 module (precision setting "fp32") would run
+    its matmuls and convolutions in fp16, and the eager path would differ from the captured CUDA graphs.
+    """
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()  # other backends' autocast cannot be on around torch 2.0's calls
+
+
 @torch.no_grad()
 def predict_v(module, encoder, x_T_prime: torch.Tensor, prompts: Sequence[str], negative_prompts: Sequence[str],
               cfg: float) -> torch.Tensor:
-    """The guided OMS prediction v for unit noise ``x_T_prime``; at CFG 1 the unconditional pass is not computed."""
+    """The guided OMS prediction v for unit noise ``x_T_prime``; at CFG 1 the unconditional pass is not computed.
+
+    With CFG, the negative and the positive prompts are encoded in one call and run through the network together.
+    """
     device, dtype = module.device, module.dtype
     x = x_T_prime.to(device, dtype)
-    cond = encoder.encode(list(prompts)).to(device, dtype)
-    if cfg == 1.0:
-        return module.forward(x, cond).float()
-    uncond = encoder.encode(list(negative_prompts)).to(device, dtype)
-    v_uncond, v_cond = module.forward(torch.cat([x, x]), torch.cat([uncond, cond])).float().chunk(2)
+    with own_precision(device):
+        if cfg == 1.0:
+            cond = encoder.encode(list(prompts)).to(device, dtype)
+            return module.forward(x, cond).float()
+        context = encoder.encode(list(negative_prompts) + list(prompts)).to(device, dtype)
+        v_uncond, v_cond = module.forward(torch.cat([x, x]), context).float().chunk(2)
     return guided_v(v_uncond, v_cond, cfg)
 
 
@@ -76,6 +92,10 @@ def oms_start(module, encoder, noise: torch.Tensor, prompts: str | Sequence[str]
     if encoder.kind != module.text_encoder:
         raise TextEncoderError(f"the OMS module {module.name} needs a {module.text_encoder} text encoder, "
                                f"got {encoder.kind}: choose the text encoder that matches the module")
+    if encoder.width != module.text_width:
+        raise TextEncoderError(f"the OMS module {module.name} reads {module.text_width}-wide text features but its "
+                               f"{encoder.kind} text encoder gives {encoder.width}-wide ones: the module's files say "
+                               "the wrong text encoder, or the text encoder file is another model's")
     if solver == "sde" and (z is None or z.shape != noise.shape):
         raise ValueError(f"the SDE solver needs fresh noise z of shape {tuple(noise.shape)}")
     prompts = _as_list(prompts, batch, "prompts")

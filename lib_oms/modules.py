@@ -2,7 +2,8 @@
 
 Two layouts load (README decision 7): the released folder (``model_index.json``, ``oms_module/config.json``,
 ``oms_module/diffusion_pytorch_model[.fp16].safetensors``) and a lone ``.safetensors``. Every bad input raises
-ModuleFileError naming the file and the remedy before any tensor is read; weights are read with safetensors only.
+ModuleFileError naming the file and the remedy before any tensor is read (except NaN or infinite values, which only
+the read tensors show, refused before the network is built); weights are read with safetensors only.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .cuda_graphs import GraphedNetwork
+from .cuda_graphs import GraphedCall
 from .errors import LatentSpaceError, ModuleFileError
 from .unet import OMSUNet, infer_unet_config, normalize_unet_config, parameter_shapes
 
@@ -64,13 +65,37 @@ class OMSModule:
     cuda_graphs: bool = True
 
     def __post_init__(self):
-        self._graphed = GraphedNetwork(self.unet)
+        self.channels_last = False
+        self._network = self.unet
+        self._graphed = self._new_graphs()
+
+    def _new_graphs(self) -> GraphedCall:
+        return GraphedCall(self._network, [self.unet], name=f"the OMS module {self.name}")
+
+    def set_speed_options(self, *, channels_last: bool = False, compile: bool = False) -> None:
+        """GPU options, off by default, that ``bench/bench_oms.py`` measures side by side.
+
+        ``channels_last`` stores the convolution weights and runs the network in NHWC layout; ``compile`` runs it
+        through ``torch.compile`` (the first call of each input shape compiles, which takes a minute or more).
+        Either gives the same results up to float rounding. Captured CUDA graphs are dropped.
+        """
+        self.channels_last = channels_last
+        self.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self._network = torch.compile(self.unet, dynamic=False) if compile else self.unet
+        self._graphed.clear()
+        self._graphed = self._new_graphs()
 
     def forward(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """The network's prediction v for unit noise ``sample`` and text features ``encoder_hidden_states``."""
+        if self.channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last)
         if self.cuda_graphs:
             return self._graphed(sample, encoder_hidden_states)
-        return self.unet(sample, encoder_hidden_states)
+        return self._network(sample, encoder_hidden_states)
+
+    def release_graphs(self) -> None:
+        """Drop the captured CUDA graphs and their memory (they are captured again when next needed)."""
+        self._graphed.clear()
 
     @property
     def device(self) -> torch.device:
@@ -86,10 +111,8 @@ class OMSModule:
         return self.config["cross_attention_dim"]
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> OMSModule:
-        weights_at = self.unet.conv_in.weight.data_ptr()
         self.unet.to(device=device, dtype=dtype)
-        if self.unet.conv_in.weight.data_ptr() != weights_at:
-            self._graphed.clear()  # the captured CUDA graphs read the weights where they were
+        self._graphed.clear_if_moved()  # the captured CUDA graphs read the weights where they were
         return self
 
 
@@ -334,13 +357,19 @@ def _lone_file_config(weights: Path, sidecar: dict, sidecar_path: Path, header: 
     return None, f"{weights} (config inferred from tensor shapes)"
 
 
-def load_module(path, device="cpu", dtype: torch.dtype = torch.float32) -> OMSModule:
-    """Load an OMS module from a released-layout folder or a lone .safetensors (see the module docstring).
+@dataclass(frozen=True)
+class _Checked:
+    """A module's files, checked without reading a tensor: what load_module needs before it reads the weights."""
 
-    Config: the folder's oms_module/config.json; for a lone file the sidecar's "unet_config", else the safetensors
-    metadata "oms_config" (JSON), else inferred from shapes. Latent space / text encoder: sidecar ``<name>.json``,
-    model_index.json, safetensors metadata, the name, the text width. Files are checked before tensors are read.
-    """
+    name: str
+    root: Path
+    weights: Path
+    config: dict
+    latent_space: str
+    text_encoder: str
+
+
+def _check_files(path, dtype: torch.dtype) -> _Checked:
     path = Path(path)
     if not path.exists():
         raise ModuleFileError(f"{path}: no such file or folder: put the OMS module there (a folder in the released "
@@ -371,14 +400,37 @@ def load_module(path, device="cpu", dtype: torch.dtype = torch.float32) -> OMSMo
     else:
         config = normalize_unet_config(raw, config_source)
     check_state_dict_shapes(header.shapes, config, weights, config_source)
-
     name = module_name(root)
     latent_space, text_encoder = _describe(
         name, [(sidecar, sidecar_path), (index, index_path), (header.metadata, weights)], config["cross_attention_dim"]
     )
-    tensors = {key: value.to(dtype) for key, value in load_file(str(weights)).items()}
-    unet = OMSUNet.from_state_dict(config, tensors).eval().requires_grad_(False).to(device)
-    return OMSModule(name, root, weights, config, unet, latent_space, text_encoder, short_hash(weights))
+    return _Checked(name, root, weights, config, latent_space, text_encoder)
+
+
+def describe_module(path) -> tuple[str, str]:
+    """(latent space, text encoder) of a module, from its sidecar, model_index.json, safetensors metadata, name or
+    text width, without reading a tensor: choosing a module for a checkpoint loads only the one chosen."""
+    checked = _check_files(path, torch.float32)
+    return checked.latent_space, checked.text_encoder
+
+
+def load_module(path, device="cpu", dtype: torch.dtype = torch.float32) -> OMSModule:
+    """Load an OMS module from a released-layout folder or a lone .safetensors (see the module docstring).
+
+    Config: the folder's oms_module/config.json; for a lone file the sidecar's "unet_config", else the safetensors
+    metadata "oms_config" (JSON), else inferred from shapes. Latent space / text encoder: sidecar ``<name>.json``,
+    model_index.json, safetensors metadata, the name, the text width. Files are checked before tensors are read.
+    """
+    checked = _check_files(path, dtype)
+    tensors = load_file(str(checked.weights))
+    not_finite = [key for key, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
+    if not_finite:
+        raise ModuleFileError(f"{checked.weights}: tensor '{not_finite[0]}' holds NaN or infinite values "
+                              f"({len(not_finite)} such tensor(s)): the file is corrupt; download or re-save it.")
+    tensors = {key: value.to(dtype) for key, value in tensors.items()}
+    unet = OMSUNet.from_state_dict(checked.config, tensors).eval().requires_grad_(False).to(device)
+    return OMSModule(checked.name, checked.root, checked.weights, checked.config, unet, checked.latent_space,
+                     checked.text_encoder, short_hash(checked.weights))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -423,8 +475,20 @@ def save_module(folder, unet_or_state_dict, config: dict, *, latent_space: str, 
     return folder
 
 
+def _other_model(path: Path) -> bool:
+    """A lone .safetensors that is not an OMS module: a text encoder placed beside the modules (the name says
+    "text_encoder", as the text-encoder search expects) or a file whose tensors hold no OMS network. A file whose
+    header cannot be read stays listed, so that choosing it says what is wrong."""
+    if "text_encoder" in path.name.lower():
+        return True
+    try:
+        return "conv_in.weight" not in read_safetensors_header(path).shapes
+    except (ModuleFileError, OSError):
+        return False
+
+
 def find_modules(dirs) -> list[ModuleEntry]:
-    """Module folders and lone .safetensors in ``dirs``, sorted by name.
+    """Module folders and lone .safetensors in ``dirs``, sorted by name; text encoders and other models are left out.
 
     A folder counts when it has oms_module/ or model_index.json, so a half-downloaded module is listed and
     load_module can say what is missing instead of it silently not appearing. Names with "text_encoder" are the
@@ -441,7 +505,7 @@ def find_modules(dirs) -> list[ModuleEntry]:
                 continue
             if child.is_dir() and ((child / COMPONENT).is_dir() or (child / "model_index.json").is_file()):
                 name = child.name
-            elif child.is_file() and child.suffix.lower() == ".safetensors":
+            elif child.is_file() and child.suffix.lower() == ".safetensors" and not _other_model(child):
                 name = module_name(child)
             else:
                 continue
@@ -473,6 +537,7 @@ class ModuleCache:
 
     def __init__(self, maxsize: int = 2):
         self.maxsize = maxsize
+        self.loads = 0  # modules read from disk so far (a caller can tell a load from a cache hit)
         self._entries: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
@@ -485,13 +550,19 @@ class ModuleCache:
             if cached is not None and cached[0] == signature:
                 self._entries.move_to_end(key)
                 return cached[1].to(device, dtype)  # the caller may have moved it (low-VRAM offload)
-            self._entries.pop(key, None)
+            stale = self._entries.pop(key, None)
+            if stale is not None:
+                stale[1].release_graphs()
             module = load_module(path, device, dtype)
+            self.loads += 1
             self._entries[key] = (signature, module)
             while len(self._entries) > self.maxsize:
-                self._entries.popitem(last=False)
+                self._entries.popitem(last=False)[1][1].release_graphs()
             return module
 
     def clear(self) -> None:
+        """Forget every module; their CUDA graphs are freed now even if a module is still referenced elsewhere."""
         with self._lock:
+            for _signature, module in self._entries.values():
+                module.release_graphs()
             self._entries.clear()

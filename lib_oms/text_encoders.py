@@ -13,6 +13,7 @@ or an in-memory state dict; only the text-encoder tensors of a checkpoint are re
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -22,8 +23,11 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
+from .cuda_graphs import GraphedCall
 from .errors import TextEncoderError
+from .unet import load_into_meta
 
 MAX_LENGTH = 77
 BOS_ID = 49406  # <start_of_text>
@@ -147,6 +151,12 @@ def tokenize(prompts: list[str], *, pad_id: int, max_length: int = MAX_LENGTH) -
         tokens = [BOS_ID, *encode_prompt(prompt, pad_id)][: max_length - 1] + [EOS_ID]
         ids[row, : len(tokens)] = torch.tensor(tokens)
     return ids
+
+
+def token_count(prompt: str) -> int:
+    """Tokens of ``prompt`` without the start and end tokens, as SD 2.x's tokenizer counts them (every "!" is one);
+    more than ``max_length - 2`` are cut."""
+    return len(encode_prompt(prompt, OPENCLIP_PAD_ID))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -486,7 +496,7 @@ def _load_text_model(
     state = _bare_state(tensors.read(names), tower)
     # A copy even when device and dtype match: the WebUI patches its own weights in place (LoRA).
     weights = {model_names[bare]: t.to(device=device, dtype=dtype, copy=True) for bare, t in state.items()}
-    model.load_state_dict(weights, strict=False, assign=True)
+    load_into_meta(model, weights, strict=False)  # strict=False: position_ids, a buffer, is rebuilt below
     embeddings = getattr(model, "text_model", model).embeddings
     embeddings.position_ids = torch.arange(spec.max_positions, device=device).expand(1, -1)
     return model.eval().requires_grad_(False)
@@ -496,12 +506,59 @@ def _load_text_model(
 # Encoders
 
 
+def _causal_self_attention(attention, x: torch.Tensor) -> torch.Tensor:
+    """CLIP's causal self-attention with the weights of a transformers `CLIPAttention`, in one fused kernel."""
+    batch, length, width = x.shape
+    heads = attention.num_heads
+    q, k, v = (projection(x).view(batch, length, heads, width // heads).transpose(1, 2)
+               for projection in (attention.q_proj, attention.k_proj, attention.v_proj))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(head dim), as CLIPAttention's
+    return attention.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+def tower_hidden_states(model, ids: torch.Tensor, *, final_norm: bool) -> torch.Tensor:
+    """The last hidden state [B, L, width] of a transformers `CLIPTextModel` for token ids [B, L], with its weights.
+
+    The model's own forward does the same arithmetic (the tests compare them) but cannot be captured in a CUDA
+    graph: transformers 4.30 (the WebUI's) builds the causal mask with a host-to-device copy, which a capture
+    forbids, and runs attention as separate matmul and softmax kernels. `final_norm`: apply the final layer norm.
+    """
+    text = getattr(model, "text_model", model)  # transformers < 5 nests the tower in text_model
+    h = text.embeddings(input_ids=ids)
+    for layer in text.encoder.layers:
+        h = h + _causal_self_attention(layer.self_attn, layer.layer_norm1(h))
+        h = h + layer.mlp(layer.layer_norm2(h))
+    return text.final_layer_norm(h) if final_norm else h
+
+
+def _openclip_features(model, ids: torch.Tensor) -> torch.Tensor:
+    return tower_hidden_states(model, ids, final_norm=True)
+
+
+def _mixclip_features(clip_l, clip_g, ids_l: torch.Tensor, ids_g: torch.Tensor) -> torch.Tensor:
+    return torch.cat([tower_hidden_states(clip_l, ids_l, final_norm=False),
+                      tower_hidden_states(clip_g, ids_g, final_norm=False)], dim=-1)
+
+
 class _Encoder:
-    """Device, dtype and moving, shared by the encoders (their models are eval, without gradients)."""
+    """Device, dtype, moving and the CUDA-graph fast path, shared by the encoders (eval models, no gradients).
+
+    `encode(prompts)` tokenizes on the CPU and calls `features(*token_ids)`, whose input shape is always
+    [batch, 77]: on a CUDA device it replays a graph captured per batch size (as the OMS module does), unless
+    `cuda_graphs` is turned off (do that when the encoder is moved in and out of the GPU for every generation).
+    """
 
     max_length = MAX_LENGTH
 
+    def __init__(self, features: Callable[..., torch.Tensor], name: str):
+        self.cuda_graphs = True
+        self._features = features  # holds the models, not self: dropping the encoder frees its graphs at once
+        self._graphed = GraphedCall(features, self._models(), name=name, max_graphs=4)
+
     def _models(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    def token_ids(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
     @property
@@ -512,11 +569,26 @@ class _Encoder:
     def dtype(self) -> torch.dtype:
         return next(self._models()[0].parameters()).dtype
 
+    @torch.no_grad()
+    def features(self, *token_ids: torch.Tensor) -> torch.Tensor:
+        """Text features [B, 77, width] for token ids [B, 77] (one tensor per tower) made by `token_ids`."""
+        token_ids = tuple(ids.to(self.device) for ids in token_ids)
+        return self._graphed(*token_ids) if self.cuda_graphs else self._features(*token_ids)
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Text features [B, 77, width] for `prompts`, all in one call of the model."""
+        return self.features(*self.token_ids(list(prompts)))
+
     def to(self, device=None, dtype: torch.dtype | None = None):
         """Move the weights (e.g. to the GPU for the step and back in low-VRAM mode); returns self."""
         for model in self._models():
             model.to(device=device, dtype=dtype)
+        self._graphed.clear_if_moved()  # the captured CUDA graphs read the weights where they were
         return self
+
+    def release_graphs(self) -> None:
+        """Drop the captured CUDA graphs and their memory (they are captured again when next needed)."""
+        self._graphed.clear()
 
 
 class OpenCLIPTextEncoder(_Encoder):
@@ -535,14 +607,13 @@ class OpenCLIPTextEncoder(_Encoder):
         self.layer = layer
         self.source = source
         self.width = model.config.hidden_size
+        super().__init__(functools.partial(_openclip_features, model), "the OMS text encoder (OpenCLIP ViT-H/14)")
 
     def _models(self) -> list[torch.nn.Module]:
         return [self.model]
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        ids = tokenize(list(prompts), pad_id=OPENCLIP_PAD_ID).to(self.device)
-        return self.model(input_ids=ids).last_hidden_state
+    def token_ids(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
+        return (tokenize(prompts, pad_id=OPENCLIP_PAD_ID),)
 
 
 class MixClipTextEncoder(_Encoder):
@@ -560,18 +631,14 @@ class MixClipTextEncoder(_Encoder):
         self.clip_g = clip_g
         self.source = source
         self.width = clip_l.config.hidden_size + clip_g.config.hidden_size
+        super().__init__(functools.partial(_mixclip_features, clip_l, clip_g),
+                         "the OMS text encoder (SDXL CLIP-L + OpenCLIP bigG)")
 
     def _models(self) -> list[torch.nn.Module]:
         return [self.clip_l, self.clip_g]
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        prompts = list(prompts)
-        features = []
-        for model, pad_id in ((self.clip_l, CLIP_L_PAD_ID), (self.clip_g, OPENCLIP_PAD_ID)):
-            ids = tokenize(prompts, pad_id=pad_id).to(self.device)
-            features.append(model(input_ids=ids, output_hidden_states=True).hidden_states[-1])
-        return torch.cat(features, dim=-1)
+    def token_ids(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
+        return tokenize(prompts, pad_id=CLIP_L_PAD_ID), tokenize(prompts, pad_id=OPENCLIP_PAD_ID)
 
 
 def load_openclip_text_encoder(

@@ -16,6 +16,7 @@ The module is written with lib_oms.modules.save_module in the released folder la
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -359,8 +360,9 @@ def train_oms(latents: torch.Tensor, captions: list[str], encoder, unet_config: 
     else:
         trained = model
     batches = _BatchIndices(len(latents), settings.batch_size, rank, world, settings.seed)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=settings.mixed_precision == "bf16"
-                              and device.type == "cuda")
+    # No autocast object at all without mixed precision: torch 2.0's initialises CUDA even when disabled.
+    autocast = (torch.autocast("cuda", torch.bfloat16) if settings.mixed_precision == "bf16" and device.type == "cuda"
+                else contextlib.nullcontext())
     bar = tqdm(range(start_step, settings.steps), initial=start_step, total=settings.steps, desc="OMS training",
                disable=not progress or rank != 0)
     for step in bar:

@@ -23,6 +23,21 @@ from .errors import ModuleFileError
 # load_state_dict(assign=True) (torch >= 2.1) lets a meta-device network take tensors without a copy
 _CAN_ASSIGN = "assign" in inspect.signature(nn.Module.load_state_dict).parameters
 
+
+def load_into_meta(model: nn.Module, state_dict: dict, *, strict: bool) -> nn.Module:
+    """Give ``model``, built on the meta device, the tensors of ``state_dict`` (one device and dtype; every
+    parameter and persistent buffer of the model, as the caller has checked). torch >= 2.1 takes them as they are;
+    torch 2.0 (WebUI 1.6/1.7) cannot, so the model gets uninitialised storage of their device and dtype first and
+    they are copied into it (no random initialisation of weights about to be overwritten)."""
+    if _CAN_ASSIGN:
+        model.load_state_dict(state_dict, strict=strict, assign=True)
+        return model
+    if state_dict:  # an empty one is left to load_state_dict to refuse
+        first = next(iter(state_dict.values()))
+        model.to_empty(device=first.device).to(dtype=first.dtype)
+    model.load_state_dict(state_dict, strict=strict)
+    return model
+
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
@@ -401,10 +416,18 @@ class SpatialTransformer(nn.Module):
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)
-        h = h.reshape(batch, height, width, h.shape[-1]).permute(0, 3, 1, 2).contiguous()
+        # back to [B, C, h, w] in the input's layout: channels-last is this permute's own layout, so no copy
+        h = h.reshape(batch, height, width, h.shape[-1]).permute(0, 3, 1, 2).contiguous(memory_format=_layout(x))
         if not self.linear:
             h = self.proj_out(h)
         return h + x
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last if ``x`` [B, C, h, w] is stored channels-last (the GPU speed option), else contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class Downsample(nn.Module):
@@ -562,15 +585,9 @@ class OMSUNet(nn.Module):
     @classmethod
     def from_state_dict(cls, config: dict, state_dict: dict) -> OMSUNet:
         """Build without initialising random weights (on the meta device) and take the given tensors (strict)."""
-        if not _CAN_ASSIGN:  # torch 2.0 (WebUI 1.6/1.7): build for real, then copy
-            dtype = next(iter(state_dict.values())).dtype if state_dict else None
-            unet = cls(config).to(dtype=dtype)
-            unet.load_state_dict(state_dict, strict=True)
-            return unet
         with torch.device("meta"):
             unet = cls(config)
-        unet.load_state_dict(state_dict, strict=True, assign=True)
-        return unet
+        return load_into_meta(unet, state_dict, strict=True)
 
     def forward(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         dtype = self.conv_in.weight.dtype

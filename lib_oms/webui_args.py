@@ -6,6 +6,7 @@ No WebUI imports: the glue in ``scripts/`` builds its components, infotext field
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,8 @@ SOLVER_CHOICES = ("SDE", "DDIM")
 INFOTEXT_SKIPPED = "OMS skipped"
 # the passes that continue from the corrected first pass as they are (hires fix second pass, refiner)
 INFOTEXT_FIRST_PASS_ONLY = "OMS first pass only"
+# "name [hash]" as asked (a pasted infotext) when the local file of that name has another hash
+INFOTEXT_MODULE_REQUESTED = "OMS module requested"
 
 
 class ArgumentError(OMSError):
@@ -83,6 +86,12 @@ def module_name(label: str) -> str:
     return match.group("name") if match else label.strip()
 
 
+def module_hash(label: str) -> str | None:
+    """The file hash in a label "name [hash]" (lower case), or None for a bare name."""
+    match = _MODULE_LABEL.match(label.strip())
+    return match.group("hash").lower() if match else None
+
+
 def module_label(name: str, short_hash: str) -> str:
     """The infotext value naming a module and the file that made the image: "name [hash]"."""
     return f"{name} [{short_hash}]"
@@ -117,11 +126,11 @@ def convert(arg: Arg, value: object) -> object:
             if value.strip().lower() == choice.lower():
                 return choice
         raise _bad(arg, "one of " + ", ".join(repr(c) for c in arg.choices), value)
-    if arg.kind == "module":
+    if arg.kind == "module":  # a pasted "name [hash]" keeps its hash: the glue says when the local file differs
         name = module_name(value)
         if not name:
             raise _bad(arg, f"{AUTOMATIC!r} or the name of an OMS module", value)
-        return AUTOMATIC if name.lower() == AUTOMATIC.lower() else name
+        return AUTOMATIC if name.lower() == AUTOMATIC.lower() else value.strip()
     return value
 
 
@@ -172,7 +181,7 @@ def infotext_params(args: OMSArgs, module: str) -> dict[str, object]:
 
 def infotext_keys() -> tuple[str, ...]:
     """Every key this extension may write to infotext."""
-    return tuple(arg.infotext for arg in ARGS) + (INFOTEXT_SKIPPED, INFOTEXT_FIRST_PASS_ONLY)
+    return tuple(arg.infotext for arg in ARGS) + (INFOTEXT_SKIPPED, INFOTEXT_FIRST_PASS_ONLY, INFOTEXT_MODULE_REQUESTED)
 
 
 def paste_value(arg: Arg, params: Mapping[str, str]) -> object:
@@ -191,3 +200,25 @@ def paste_value(arg: Arg, params: Mapping[str, str]) -> object:
         return convert(arg, raw)
     except ArgumentError:
         return None
+
+
+def alwayson_args_problem(body: bytes, title: str) -> str | None:
+    """What is wrong with this script's entry in an API request's ``alwayson_scripts``, or None.
+
+    The WebUI's API copies ``args`` by position into the script arguments, so an object there answers
+    ``KeyError: 0``; ``body`` is the raw request (anything unreadable is left for the API to answer).
+    """
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    scripts = request.get("alwayson_scripts") if isinstance(request, dict) else None
+    if not isinstance(scripts, dict):
+        return None
+    for name, entry in scripts.items():
+        if name.lower() == title.lower() and isinstance(entry, dict) and "args" in entry \
+                and not isinstance(entry["args"], list):
+            return (f'{title}: "args" must be a list, got {type(entry["args"]).__name__} '
+                    f'{json.dumps(entry["args"])[:100]}: write "args": [true, "Automatic", "", "", 1.5, "SDE"] '
+                    '(positional) or "args": [{"enabled": true, "cfg": 1.5}] (a dict as the first item)')
+    return None

@@ -1,5 +1,6 @@
 """Decisions the WebUI glue makes, on plain values: where OMS applies and why not, the sampler's start,
-what OMS reads as the prompt, which module and text encoder to use, precision and offloading.
+which module and text encoder to use, precision and offloading (what OMS reads as the prompt is read with the
+WebUI's own prompt parser, in scripts/).
 
 No WebUI imports: ``scripts/`` reads the WebUI's objects into the plain values these functions take.
 """
@@ -45,6 +46,15 @@ class Job:
     initial_noise_multiplier: float = 1.0
     extra_noise: float = 0.0
     noise_schedule: str = "Default"
+
+
+NO_REFINER = (None, "", "None", "none")  # what the WebUI's processing reads as "no refiner checkpoint"
+
+
+def uses_refiner(checkpoint: str | None, switch_at: float | None) -> bool:
+    """Whether the WebUI hands sampling to a refiner: a refiner checkpoint is named and the switch point is before
+    the end (none given: the WebUI switches at the first step)."""
+    return checkpoint not in NO_REFINER and (switch_at is None or switch_at < 1.0)
 
 
 def model_skip_reason(family: str, latent_channels: int) -> str | None:
@@ -139,99 +149,6 @@ def inpaint_noise(oms_noise: torch.Tensor, noise: torch.Tensor, init_latent: tor
     the noise outside it unchanged (fractional soft-inpainting masks blend the two).
     """
     return noise + nmask * (oms_noise - init_latent / sigma0 - noise)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# What OMS reads as the prompt (decision 5)
-
-_EXTRA_NETWORK = re.compile(r"<\w+:[^>]+>")
-_AND = re.compile(r"\bAND\b")
-_AND_WEIGHT = re.compile(r"\s*:\s*[-+]?(?:\d+\.?|\d*\.\d+)\s*$")
-_BREAK = re.compile(r"\bBREAK\b")
-_NUMBER = re.compile(r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*$")
-
-
-class _Unbalanced(Exception):
-    pass
-
-
-def _when(text: str, steps: int) -> int:
-    """A prompt-editing step as the WebUI counts it: "0.25" is a fraction of the steps, "5" a step number."""
-    value = float(text)
-    return min(steps, int(value * steps if "." in text else value))
-
-
-def _bracket(opening: str, parts: list[str], separators: list[str], steps: int) -> str:
-    """The text of one (…) or […] group at the first sampling step (step 1)."""
-    literal = "".join(part + sep for part, sep in zip(parts, separators + [""], strict=True))
-    if opening == "(":  # (a) and (a:1.2) are emphasis; anything else keeps its text
-        if separators == [":"] and _NUMBER.match(parts[1]):
-            return parts[0]
-        return literal
-    if separators and all(sep == "|" for sep in separators):  # [a|b]: alternation starts with its first option
-        return parts[0]
-    if separators == [":"] and _NUMBER.match(parts[1]):  # [a:when]: a is added after step `when`
-        return "" if 1 <= _when(parts[1].strip(), steps) else parts[0]
-    if separators == [":", ":"] and _NUMBER.match(parts[2]):  # [a:b:when], [a::when]
-        return parts[0] if 1 <= _when(parts[2].strip(), steps) else parts[1]
-    return literal  # [a] de-emphasis, or no valid syntax
-
-
-def _resolve(text: str, start: int, depth: int, steps: int) -> tuple[list[str], list[str], int, str | None]:
-    parts, separators, i = [""], [], start
-    while i < len(text):
-        char = text[i]
-        if char == "\\" and i + 1 < len(text):
-            parts[-1] += text[i + 1]
-            i += 2
-        elif char in "([":
-            inner, inner_separators, i, closer = _resolve(text, i + 1, depth + 1, steps)
-            if closer is None:
-                raise _Unbalanced
-            parts[-1] += _bracket(char, inner, inner_separators, steps)
-        elif char in ")]" and depth > 0:
-            return parts, separators, i + 1, char
-        elif char in ":|" and depth > 0:
-            separators.append(char)
-            parts.append("")
-            i += 1
-        else:
-            parts[-1] += char
-            i += 1
-    return parts, separators, i, None
-
-
-def _strip_brackets(text: str) -> str:
-    """Unbalanced brackets: keep the words, drop weights and bracket characters (as the WebUI's emphasis parser)."""
-    text = re.sub(r"(?<!\\):\s*[+-]?[.\d]+\s*(?=\))", "", text)
-    return re.sub(r"(?<!\\)[()\[\]]", "", text).replace("\\", "")
-
-
-def clean_prompt(prompt: str, steps: int) -> str:
-    """The prompt as the sampler reads it at its first step, in plain words for the OMS text encoder.
-
-    Extra-network tags (<lora:…>) are removed, prompt editing [a:b:when] / [a:when] / [a::when] resolved at the first
-    step, alternation [a|b] takes its first option, emphasis (a:1.2) (a) [a] is stripped, BREAK is dropped and
-    AND-separated sub-prompts are joined with commas (their weights dropped).
-    """
-    cleaned = []
-    for subprompt in _AND.split(_EXTRA_NETWORK.sub("", prompt)):
-        subprompt = _AND_WEIGHT.sub("", subprompt)
-        try:
-            text = "".join(_resolve(subprompt, 0, 0, max(int(steps), 1))[0])
-        except _Unbalanced:
-            text = _strip_brackets(subprompt)
-        text = " ".join(_BREAK.sub(" ", text).split())
-        if text:
-            cleaned.append(text)
-    return ", ".join(cleaned)
-
-
-def oms_prompts(oms_prompt: str, image_prompts: Sequence[str], steps: int) -> list[str]:
-    """One OMS prompt per image: the OMS prompt when given, else each image's own prompt, all cleaned."""
-    if oms_prompt.strip():
-        return [clean_prompt(oms_prompt, steps)] * len(image_prompts)
-    return [clean_prompt(prompt, steps) for prompt in image_prompts]
 
 
 # ---------------------------------------------------------------------------------------------------------------

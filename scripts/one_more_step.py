@@ -1,18 +1,23 @@
 """One More Step (Hu et al., CVPR 2024) in the AUTOMATIC1111 WebUI 1.6–1.10, Forge and reForge.
 
 Thin glue: it reads the WebUI's objects into plain values for ``lib_oms.webui_logic`` / ``lib_oms.webui_args`` and
-hands the start noise to ``lib_oms.engine.oms_start``. The hook is chosen once, at import:
-``process_before_every_sampling`` edits the noise in place where it exists (A1111 ≥ 1.10, Forge, reForge); older
-WebUIs get a ``p.rng`` wrapper from ``process_batch`` whose first draw is corrected.
+hands the start noise to ``lib_oms.engine.oms_start``. The step is done in a ``p.rng`` wrapper installed by
+``process_batch``, whose first draw (the start noise) is corrected, on every WebUI: an error raised there stops the
+generation, whereas A1111 ≥ 1.10, Forge and reForge only report errors of ``process_before_every_sampling`` and
+would go on to make an image without OMS.
 """
 
 import contextlib
 import functools
+import inspect
+import json
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
 import torch
+from fastapi.exceptions import HTTPException
 from modules import script_callbacks, scripts, shared
 
 from lib_oms import download, text_encoders
@@ -25,14 +30,18 @@ from lib_oms.webui_args import (
     ARGS,
     AUTOMATIC,
     INFOTEXT_FIRST_PASS_ONLY,
+    INFOTEXT_MODULE_REQUESTED,
     INFOTEXT_SKIPPED,
     ArgumentError,
     OMSArgs,
+    alwayson_args_problem,
     convert,
     from_dict,
     infotext_keys,
     infotext_params,
+    module_hash,
     module_label,
+    module_name,
     parse_script_args,
     paste_value,
 )
@@ -45,7 +54,6 @@ from lib_oms.webui_logic import (
     EncoderSource,
     Job,
     choose_module,
-    clean_prompt,
     huggingface_hub_dir,
     img2img_start,
     inpaint_noise,
@@ -53,25 +61,43 @@ from lib_oms.webui_logic import (
     model_skip_reason,
     module_dtype,
     offload_after_use,
-    oms_prompts,
     resolve_text_encoder,
     txt2img_start,
     untouched_passes,
     unwrap_hijacked_keys,
+    uses_refiner,
 )
 
 TITLE = "One More Step"
 EXTENSION_DIR = Path(__file__).resolve().parents[1]
-# A1111 >= 1.10, Forge and reForge call this hook with the start noise; older WebUIs get the p.rng wrapper.
-HAS_SAMPLING_HOOK = hasattr(scripts.Script, "process_before_every_sampling")
 AXIS_PREFIX = "[OMS]"
 
+# Neither cache is dropped when a model loads: modules and file-based text encoders do not depend on the checkpoint
+# (the SDXL refiner reloads two models every generation), and an encoder read from a checkpoint is kept under it.
 MODULE_CACHE = oms_modules.ModuleCache()
-ENCODER_CACHE: dict[tuple, text_encoders.PromptEmbeddingCache] = {}
+ENCODER_CACHE: OrderedDict[tuple, text_encoders.PromptEmbeddingCache] = OrderedDict()
+ENCODERS_KEPT = 2  # OpenCLIP-H's text tower is 0.7 GB in fp16, SDXL's two text towers 1.6 GB
 
 
 def log(message: str) -> None:
     print(f"[{TITLE}] {message}")
+
+
+class RequestRefused(HTTPException):
+    """An OMS error in what was asked for (an argument, a missing or unfit file). The WebUI's API answers with an
+    exception's ``status_code`` attribute and prints no traceback for an HTTPException: this is HTTP 422 with the
+    message, like the API's own checks of a request. Other errors (bugs, out of memory) stay 500 with a traceback."""
+
+    def __init__(self, error: OMSError):
+        super().__init__(status_code=422, detail=str(error))
+        self.error = error
+
+    def __str__(self):
+        return self.detail
+
+
+def refusal(error: Exception) -> Exception:
+    return RequestRefused(error) if isinstance(error, OMSError) else error
 
 
 def option(key: str, default):
@@ -155,7 +181,7 @@ def job_of(p) -> Job:
     from modules import processing
 
     noise_schedule = option("sd_noise_schedule", "Default")
-    refiner = bool(getattr(p, "refiner_checkpoint", None)) and getattr(p, "refiner_switch_at", 1.0) < 1.0
+    refiner = uses_refiner(getattr(p, "refiner_checkpoint", None), getattr(p, "refiner_switch_at", None))
     if isinstance(p, processing.StableDiffusionProcessingTxt2Img):
         return Job("txt2img", hires=bool(getattr(p, "enable_hr", False)), refiner=refiner,
                    firstpass_image=getattr(p, "firstpass_image", None) is not None, noise_schedule=noise_schedule)
@@ -179,11 +205,37 @@ def sampler_kind(sampler) -> tuple[str | None, str]:
 
 def timestep_alphas(p):
     """ᾱ the timestep samplers use (A1111: the model's; Forge 2: set on the sampler's denoiser)."""
-    wrap = p.sampler.model_wrap
+    wrap = getattr(p.sampler, "model_wrap", None)  # A1111 1.6-1.8's CompVisSampler has none
     for owner in (wrap, getattr(wrap, "inner_model", None), p.sd_model):
         if getattr(owner, "alphas_cumprod", None) is not None:
             return owner.alphas_cumprod.float().cpu()
     raise OMSError("cannot find alphas_cumprod for this sampler")
+
+
+def clean_prompt(prompt: str, steps: int) -> str:
+    """The prompt as the sampler reads it at its first step, in plain words for the OMS text encoder, read with the
+    WebUI's own parsers: extra-network tags (<lora:…>) removed, AND-separated sub-prompts joined with commas (their
+    weights dropped), prompt editing and alternation at the first step, emphasis syntax and BREAK removed."""
+    from modules import extra_networks, prompt_parser
+
+    text, _networks = extra_networks.parse_prompt(prompt)
+    _indexes, subprompts, _positions = prompt_parser.get_multicond_prompt_list([text])
+    cleaned = []
+    for subprompt in subprompts:
+        first_step = prompt_parser.get_learned_conditioning_prompt_schedules([subprompt], max(int(steps), 1))[0][0][1]
+        chunks = prompt_parser.parse_prompt_attention(first_step)  # BREAK comes as ["BREAK", -1]
+        text = "".join(" " if (chunk, weight) == ("BREAK", -1) else chunk for chunk, weight in chunks)
+        words = " ".join(text.split())
+        if words:
+            cleaned.append(words)
+    return ", ".join(cleaned)
+
+
+def oms_prompts(oms_prompt: str, image_prompts: list[str], steps: int) -> list[str]:
+    """One OMS prompt per image: the OMS prompt when given, else each image's own prompt, all cleaned."""
+    if oms_prompt.strip():
+        return [clean_prompt(oms_prompt, steps)] * len(image_prompts)
+    return [clean_prompt(prompt, steps) for prompt in image_prompts]
 
 
 def sampler_start(p, job: Job):
@@ -204,12 +256,17 @@ def sampler_start(p, job: Job):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading (cached; dropped when the checkpoint changes)
+# Loading (cached across model loads: see MODULE_CACHE)
 
 def device_and_dtype():
     from modules import devices
 
-    device = devices.get_device_for("oms") if hasattr(devices, "get_device_for") else devices.device
+    # --use-cpu oms / all, as A1111's devices.get_device_for reads it (Forge's and reForge's ignore it)
+    use_cpu = getattr(shared.cmd_opts, "use_cpu", None) or []
+    if "oms" in use_cpu or "all" in use_cpu:
+        device = torch.device("cpu")
+    else:
+        device = devices.get_device_for("oms") if hasattr(devices, "get_device_for") else devices.device
     full_precision = getattr(devices, "dtype_unet", torch.float16) == torch.float32
     dtype = module_dtype(option("oms_precision", PRECISIONS[0]), torch.device(device).type, full_precision)
     return torch.device(device), dtype
@@ -229,10 +286,20 @@ def checkpoint_text_weights(sd_model, kind: str):
     return unwrap_hijacked_keys(live)
 
 
+def checkpoint_identity(sd_model) -> tuple:
+    """What tells one checkpoint's weights from another's: its file, and the file's size and time."""
+    filename = getattr(getattr(sd_model, "sd_checkpoint_info", None), "filename", "") or ""
+    path = Path(filename)
+    stat = path.stat() if filename and path.is_file() else None
+    return (filename, stat.st_size, stat.st_mtime_ns) if stat else (filename,)
+
+
 def load_encoder(kind: str, source: EncoderSource, sd_model, home, dtype) -> text_encoders.PromptEmbeddingCache:
-    """The text encoder behind a prompt cache, loaded once per checkpoint and kept at ``home`` between steps."""
+    """The text encoder behind a prompt cache, loaded once (once per checkpoint when read from the checkpoint) and
+    kept at ``home`` between steps; the least recently used encoders beyond ENCODERS_KEPT are dropped."""
     layer = option("oms_text_encoder_layer", text_encoders.LAYERS[0])
-    key = (kind, source, layer, dtype)
+    checkpoint = checkpoint_identity(sd_model) if source.origin == "checkpoint" else None
+    key = (kind, source, checkpoint, layer, dtype)
     if key not in ENCODER_CACHE:
         weights = checkpoint_text_weights(sd_model, kind) if source.origin == "checkpoint" else source.path
         if kind == OPENCLIP_H:
@@ -241,13 +308,11 @@ def load_encoder(kind: str, source: EncoderSource, sd_model, home, dtype) -> tex
             encoder = text_encoders.load_mixclip_text_encoder(weights, device="cpu", dtype=dtype)
         log(f"text encoder: {source.describe()} ({kind}, {layer if kind == OPENCLIP_H else 'penultimate'})")
         ENCODER_CACHE[key] = text_encoders.PromptEmbeddingCache(encoder)
+        while len(ENCODER_CACHE) > ENCODERS_KEPT:
+            ENCODER_CACHE.popitem(last=False)
+    ENCODER_CACHE.move_to_end(key)
     ENCODER_CACHE[key].encoder.to(home)
     return ENCODER_CACHE[key]
-
-
-def clear_caches(*_args) -> None:
-    MODULE_CACHE.clear()
-    ENCODER_CACHE.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,14 +331,19 @@ class Plan:
     said: set = field(default_factory=set)
 
 
+def say_once(plan: Plan, message: str) -> None:
+    """Said in the console once per generation (not once per batch)."""
+    if message not in plan.said:
+        plan.said.add(message)
+        log(message)
+
+
 def say_skipped(p, plan: Plan, reason: str) -> None:
     """A skip replaces the OMS keys of the infotext with its reason and is said once per generation in the console."""
     for key in infotext_keys():
         p.extra_generation_params.pop(key, None)
     p.extra_generation_params[INFOTEXT_SKIPPED] = reason
-    if reason not in plan.said:
-        plan.said.add(reason)
-        log(f"skipped: {reason}")
+    say_once(plan, f"skipped: {reason}")
 
 
 def prepare(p, args: OMSArgs) -> Plan:
@@ -291,14 +361,15 @@ def prepare(p, args: OMSArgs) -> Plan:
     plan.low_vram = bool(getattr(sd_model, "lowvram", False))
     plan.offload = offload_after_use(option("oms_keep_in_vram", True), plan.low_vram, plan.device.type)
     home = torch.device("cpu") if plan.offload else plan.device  # where the module waits between steps
-    def find_module():
-        # Modules whose names say this latent space are tried first, so "Automatic" loads nothing it does not use.
-        entries = sorted(module_entries(), key=lambda e: oms_modules.latent_space_from_name(e.name) != latent_space)
-        return choose_module(args.module, entries, latent_space, option(f"oms_module_{latent_space}", AUTOMATIC),
-                             lambda e: MODULE_CACHE.get(e.path, home, dtype).latent_space, module_dirs())
-
-    entry = found_or_downloaded(find_module, functools.partial(download.obtain_module, latent_space, module_dirs()[0]))
+    entry = found_or_downloaded(
+        lambda: choose_module(module_name(args.module), module_entries(), latent_space,
+                              option(f"oms_module_{latent_space}", AUTOMATIC),
+                              lambda e: oms_modules.describe_module(e.path)[0], module_dirs()),
+        functools.partial(download.obtain_module, latent_space, module_dirs()[0]))
+    loads = MODULE_CACHE.loads
     plan.module = MODULE_CACHE.get(entry.path, home, dtype)
+    if MODULE_CACHE.loads != loads:
+        log(f"module: {entry.path} loaded ({plan.module.latent_space}, {plan.module.text_encoder})")
     plan.module.cuda_graphs = not plan.offload  # a module moved in and out for every step would recapture each time
     oms_modules.check_latent_space(plan.module, latent_space)
     source = found_or_downloaded(
@@ -307,7 +378,14 @@ def prepare(p, args: OMSArgs) -> Plan:
                                      checkpoints=checkpoint_files()),
         functools.partial(download.obtain_text_encoder, module_dirs()[0]))
     plan.encoder = load_encoder(plan.module.text_encoder, source, sd_model, home, dtype)
+    plan.encoder.encoder.cuda_graphs = plan.module.cuda_graphs
     p.extra_generation_params.update(infotext_params(args, module_label(entry.name, plan.module.short_hash)))
+    requested_hash = module_hash(args.module)
+    if requested_hash and requested_hash != plan.module.short_hash.lower():
+        p.extra_generation_params[INFOTEXT_MODULE_REQUESTED] = args.module
+        say_once(plan, f"the module file {plan.module.weights_path} has hash {plan.module.short_hash}, not "
+                       f"{requested_hash} as asked ({args.module}): it is another file of that name, so the image "
+                       "will differ from the one these parameters came from")
     passes = "; ".join(untouched_passes(job))
     if passes:
         p.extra_generation_params[INFOTEXT_FIRST_PASS_ONLY] = passes
@@ -333,12 +411,33 @@ def on_device(plan: Plan):
             devices.torch_gc()
 
 
-def fresh_noise(seeds, shape, device) -> torch.Tensor:
-    """z of the SDE solver: one draw per image from seed + Z_SEED_OFFSET (the WebUI's RNG source setting applies;
-    the WebUI's own noise stream is not touched, so a batch equals the same images made one by one)."""
+@contextlib.contextmanager
+def global_generators_kept():
+    """The WebUI's randn() reseeds torch's global generators (and the one of its NV source), which later code may
+    draw from (Forge's DDPM sampler does): a side draw puts them back as the WebUI left them."""
     from modules import rng
 
-    return torch.stack([rng.randn_local(int(seed) + Z_SEED_OFFSET, tuple(shape)).to(device) for seed in seeds])
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    nv_rng = getattr(rng, "nv_rng", None)
+    with torch.random.fork_rng(devices=cuda):
+        yield
+    if nv_rng is not None:
+        rng.nv_rng = nv_rng
+
+
+def fresh_noise(p, shape, device) -> torch.Tensor:
+    """z of the SDE solver, drawn by the WebUI's own ImageRNG as it draws this batch's noise, with seeds and variation
+    seeds shifted by Z_SEED_OFFSET: the RNG source, variation seed / strength and "resize seed from" apply, z is never
+    the WebUI's own draw, and each image's z depends on its own seeds (a batch equals the images made one by one).
+    At variation strength 0 it is randn_local(seed + Z_SEED_OFFSET), as before."""
+    from modules import rng
+
+    seeds = [int(seed) + Z_SEED_OFFSET for seed in p.seeds]
+    subseeds = None if p.subseeds is None else [int(seed) + Z_SEED_OFFSET for seed in p.subseeds]
+    with global_generators_kept():
+        draw = rng.ImageRNG(tuple(shape), seeds, subseeds=subseeds, subseed_strength=p.subseed_strength,
+                            seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w).next()
+    return draw.to(device)
 
 
 def interrupted() -> bool:
@@ -356,8 +455,12 @@ def corrected_noise(p, plan: Plan, noise: torch.Tensor) -> torch.Tensor | None:
     args = plan.args
     prompts = oms_prompts(args.prompt, list(p.prompts), p.steps)
     negative = clean_prompt(args.negative_prompt, p.steps)
+    readable = plan.encoder.max_length - 2  # the start and end tokens take two places
+    if any(text_encoders.token_count(prompt) > readable for prompt in [*prompts, negative]):
+        say_once(plan, f"a prompt is longer than the {readable} tokens the OMS text encoder reads: OMS reads only its "
+                       "beginning. Put the words for light and colour first, or write them in the OMS prompt")
     unit = noise.float()
-    z = fresh_noise(p.seeds, unit.shape[1:], unit.device) if args.engine_solver == "sde" else None
+    z = fresh_noise(p, unit.shape[1:], unit.device) if args.engine_solver == "sde" else None
     with on_device(plan):
         out = oms_start(plan.module, plan.encoder, unit, prompts, start=start, cfg=args.cfg,
                         negative_prompt=negative, solver=args.engine_solver, z=z)
@@ -367,7 +470,8 @@ def corrected_noise(p, plan: Plan, noise: torch.Tensor) -> torch.Tensor | None:
 
 
 class FirstDraw:
-    """Wraps ``p.rng`` (WebUI 1.6–1.9, and errors everywhere): the first ``next()`` goes through ``fn``."""
+    """Wraps ``p.rng``: the first ``next()`` (the start noise of the batch) goes through ``fn``; what ``fn`` raises
+    stops the generation on every WebUI."""
 
     def __init__(self, inner, fn):
         self.inner, self.fn, self.done = inner, fn, False
@@ -383,19 +487,40 @@ class FirstDraw:
         return getattr(self.inner, name)
 
 
+def without_frames(error: Exception) -> Exception:
+    """``error`` as the user will see it (its type and message) without its traceback and chained errors: kept until
+    the first noise draw, those would hold the failed load's frames and their tensors in a reference cycle with
+    ``p`` that only a full garbage collection frees (1.9 GB per failed request with a real text encoder)."""
+    error.__cause__ = error.__context__ = None
+    return error.with_traceback(None)
+
+
 def raise_error(error: Exception, _x):
-    raise error
+    refused = refusal(error)
+    if refused is error:
+        raise error
+    raise refused from error
 
 
 def correct_first_draw(p, plan: Plan, x: torch.Tensor) -> torch.Tensor:
     if interrupted():
         return x
-    out = corrected_noise(p, plan, x)
+    try:
+        out = corrected_noise(p, plan, x)
+    except OMSError as error:
+        raise refusal(error) from error
     return x if out is None else out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The script
+
+def xyz_overrides(p) -> dict:
+    """The values of this X/Y/Z cell's OMS axes. A cell of any OMS axis turns OMS on, as an "[OMS] Enabled: True"
+    cell does, unless an [OMS] Enabled axis says otherwise."""
+    overrides = getattr(p, "_oms_xyz", {})
+    return {"enabled": True, **overrides} if overrides else {}
+
 
 def requested(args, overrides: dict) -> bool:
     """Whether OMS is asked for, before validating anything else (a disabled script must stay untouched)."""
@@ -409,6 +534,11 @@ def requested(args, overrides: dict) -> bool:
         return bool(convert(ARG_BY_NAME["enabled"], raw))
     except ArgumentError:
         return True  # unreadable: let the validation name the field
+
+
+# How each control reads a pasted infotext; one object per argument, shared by the txt2img and img2img tabs, so that
+# the WebUI's "Send to" buttons can match a tab's field to the other tab's by these names.
+PASTE = {arg.name: functools.partial(paste_value, arg) for arg in ARGS}
 
 
 class OneMoreStepScript(scripts.Script):
@@ -440,12 +570,16 @@ class OneMoreStepScript(scripts.Script):
                                   value=a["solver"].default, elem_id=self.elem_id("solver"))
         components = {"enabled": enabled, "module": module, "prompt": prompt, "negative_prompt": negative_prompt,
                       "cfg": cfg, "solver": solver}
-        self.infotext_fields = [(components[arg.name], functools.partial(paste_value, arg)) for arg in ARGS]
+        self.infotext_fields = [(components[arg.name], PASTE[arg.name]) for arg in ARGS]
+        # "Send to img2img/txt2img" copies the fields whose name is listed here (the same objects in both tabs)
+        self.paste_field_names = [PASTE[arg.name] for arg in ARGS]
         return [components[arg.name] for arg in ARGS]
 
     def process(self, p, *args):
         p._oms_plan = None
-        overrides = getattr(p, "_oms_xyz", {})
+        for key in infotext_keys():  # X/Y/Z cells share one extra_generation_params: drop another cell's keys
+            p.extra_generation_params.pop(key, None)
+        overrides = xyz_overrides(p)
         if not requested(args, overrides):
             return
         try:
@@ -454,7 +588,7 @@ class OneMoreStepScript(scripts.Script):
                 p._oms_plan = prepare(p, oms_args)
         except Exception as error:  # raised from the first noise draw: the WebUI swallows errors of process()
             log(f"error: {error}")
-            p._oms_plan = Plan(OMSArgs(), None, error=error)
+            p._oms_plan = Plan(OMSArgs(), None, error=without_frames(error))
 
     def process_batch(self, p, *args, **kwargs):
         plan = getattr(p, "_oms_plan", None)
@@ -462,27 +596,12 @@ class OneMoreStepScript(scripts.Script):
             return
         if plan.error is not None:
             p.rng = FirstDraw(p.rng, functools.partial(raise_error, plan.error))
-        elif plan.module is not None and not HAS_SAMPLING_HOOK:
+        elif plan.module is not None:
             p.rng = FirstDraw(p.rng, functools.partial(correct_first_draw, p, plan))
-
-    def process_before_every_sampling(self, p, *args, **kwargs):
-        plan = getattr(p, "_oms_plan", None)
-        if plan is None or plan.module is None or getattr(p, "is_hr_pass", False) or interrupted():
-            return
-        noise = kwargs.get("noise")
-        if not isinstance(noise, torch.Tensor):
-            return
-        try:
-            out = corrected_noise(p, plan, noise)
-        except Exception as error:  # the WebUI only reports it: say in the infotext that OMS did not run
-            say_skipped(p, plan, f"error: {error}")
-            raise
-        if out is not None:
-            noise.copy_(out)  # in place: A1111 keeps using its own reference to this tensor
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Settings, X/Y/Z axes, cache invalidation
+# Settings, X/Y/Z axes
 
 def on_ui_settings():
     section = ("oms", TITLE)
@@ -506,8 +625,46 @@ def on_ui_settings():
         True, "Keep the module and text encoder in VRAM between generations (always offloaded with --lowvram/"
         "--medvram)", section=section))
     add("oms_precision", shared.OptionInfo(
-        PRECISIONS[0], "Precision of the module and text encoder (Automatic: fp16 on GPU unless --no-half)",
+        PRECISIONS[0], "Precision of the module and text encoder (Automatic: fp16 on a GPU unless the WebUI runs its "
+        "model in fp32, e.g. A1111's --no-half or Forge's --all-in-fp32)",
         gr.Radio, {"choices": list(PRECISIONS)}, section=section))
+
+
+class AlwaysonArgsCheck:
+    """ASGI middleware answering HTTP 422 with a message for a txt2img/img2img request whose One More Step "args"
+    is not a list (the WebUI's API would answer ``KeyError: 0``). Other requests pass untouched: the body read here
+    is handed on as it came."""
+
+    PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") not in self.PATHS:
+            return await self.app(scope, receive, send)
+        messages, body = [], b""
+        while True:
+            message = await receive()
+            messages.append(message)
+            body += message.get("body", b"")
+            if message.get("type") != "http.request" or not message.get("more_body", False):
+                break
+        problem = alwayson_args_problem(body, TITLE)
+        if problem is not None:
+            content = json.dumps({"error": "HTTPException", "detail": problem, "body": "", "errors": problem})
+            await send({"type": "http.response.start", "status": 422,
+                        "headers": [(b"content-type", b"application/json")]})
+            return await send({"type": "http.response.body", "body": content.encode()})
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def on_app_started(_demo, app) -> None:
+    app.add_middleware(AlwaysonArgsCheck)
 
 
 def set_xyz_value(p, x, xs, *, name):
@@ -515,8 +672,26 @@ def set_xyz_value(p, x, xs, *, name):
 
 
 def confirm_xyz_values(p, xs, *, arg):
-    for x in xs:
-        convert(arg, x)
+    """Every value of an OMS axis checked before the grid starts (a missing module too)."""
+    try:
+        for x in xs:
+            value = convert(arg, x)
+            if arg.kind == "module" and value != AUTOMATIC and module_name(value) not in module_choices():
+                where = ", ".join(str(path) for path in module_dirs())
+                raise ArgumentError(f"One More Step: argument '{arg.name}' ({arg.label}): no OMS module named "
+                                    f"{module_name(value)!r} in {where}: put it there and press the refresh button")
+    except OMSError as error:
+        raise refusal(error) from error
+
+
+def prepare_number_values(text: str, *, xyz, arg) -> list[str]:
+    """The X/Y/Z plot's own list and range parsing of a number axis, with the extension's message for a value that
+    is neither a number nor a range (the plot alone says only "could not convert string to float")."""
+    values = xyz.csv_string_to_list_strip(text)
+    for value in values:
+        if value and not (xyz.re_range_float.fullmatch(value) or xyz.re_range_count_float.fullmatch(value)):
+            confirm_xyz_values(None, [value], arg=arg)
+    return values
 
 
 def find_xyz_module():
@@ -532,16 +707,19 @@ def register_xyz_axes() -> None:
         return
     types = {"bool": str, "number": float, "text": str, "choice": str, "module": str}
     choices = {"bool": lambda: ["True", "False"], "module": module_choices}
+    has_prepare = "prepare" in inspect.signature(xyz.AxisOption).parameters  # A1111 >= 1.9, Forge, reForge
     for arg in ARGS:
         if arg.axis is None:
             continue
         arg_choices = choices.get(arg.kind) or ((lambda arg=arg: list(arg.choices)) if arg.choices else None)
+        prepare = {"prepare": functools.partial(prepare_number_values, xyz=xyz, arg=arg)} \
+            if arg.kind == "number" and has_prepare else {}
         xyz.axis_options.append(xyz.AxisOption(
             arg.axis, types[arg.kind], functools.partial(set_xyz_value, name=arg.name),
             confirm=functools.partial(confirm_xyz_values, arg=arg), choices=arg_choices,
-            cost=0.5 if arg.kind == "module" else 0.0))
+            cost=0.5 if arg.kind == "module" else 0.0, **prepare))
 
 
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_before_ui(register_xyz_axes)
-script_callbacks.on_model_loaded(clear_caches)
+script_callbacks.on_app_started(on_app_started)

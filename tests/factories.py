@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lib_oms.unet import OMSUNet, normalize_unet_config, parameter_shapes
+from lib_oms.text_encoders import TowerSpec, clip_text_config, load_openclip_text_encoder
+from lib_oms.unet import OMSUNet, load_into_meta, normalize_unet_config, parameter_shapes
 
 # The released oms_module/config.json of h1t/oms_b_openclip_15_21 (method-and-weights.md §2.2).
 OMS_B_CONFIG = {
@@ -201,8 +202,39 @@ def diffusers_no_time_unet(config: dict, state_dict: dict):
         else:
             assert "time" in key, f"diffusers has a non-time parameter we lack: {key}"
             full[key] = torch.zeros(tensor.shape, dtype=tensor.dtype)
-    model.load_state_dict(full, strict=True, assign=True)
-    return model.eval()
+    return load_into_meta(model, full, strict=True).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny text towers (no download, no open_clip: usable on a machine with torch and transformers only)
+
+
+TINY_OPENCLIP_H = TowerSpec("tiny OpenCLIP", width=64, layers=3, heads=4, intermediate=256, hidden_act="gelu")
+
+
+def tiny_text_model(spec: TowerSpec = TINY_OPENCLIP_H, seed: int = 0):
+    """A transformers ``CLIPTextModel`` of ``spec`` (all its blocks) with every weight random, in eval mode."""
+    from transformers import CLIPTextModel
+
+    model = CLIPTextModel(clip_text_config(spec, spec.layers)).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if name.endswith("bias"):
+                parameter.copy_(0.1 * noise)
+            elif parameter.dim() == 1:
+                parameter.copy_(1 + 0.1 * noise)
+            elif "embedding" in name:
+                parameter.copy_(noise)
+            else:
+                parameter.copy_(noise / math.sqrt(parameter.shape[1]))
+    return model
+
+
+def tiny_openclip_encoder(seed: int = 0, **kwargs):
+    """The OMS text encoder (penultimate layer, as released) over ``tiny_text_model(seed=seed)``."""
+    return load_openclip_text_encoder(tiny_text_model(seed=seed).state_dict(), spec=TINY_OPENCLIP_H, **kwargs)
 
 
 def write_sparse_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "F16") -> Path:

@@ -18,6 +18,7 @@ class MeanEncoder:
     """Encodes a prompt as one token holding the data mean that prompt stands for."""
 
     kind = "test-means"
+    width = 1
 
     def __init__(self):
         self.calls = []
@@ -35,8 +36,8 @@ def constant_module():
         calls.append(sample.shape[0])
         return -context[:, :1, :1].reshape(-1, 1, 1, 1).expand_as(sample).to(sample)
 
-    return SimpleNamespace(name="const", config={"in_channels": 4}, text_encoder="test-means", forward=unet,
-                           device=torch.device("cpu"), dtype=torch.float32, calls=calls)
+    return SimpleNamespace(name="const", config={"in_channels": 4}, text_encoder="test-means", text_width=1,
+                           forward=unet, device=torch.device("cpu"), dtype=torch.float32, calls=calls)
 
 
 def unit_noise(batch=2, seed=0):
@@ -69,7 +70,7 @@ def test_cfg_uses_the_negative_prompt_in_one_batched_call():
     expected = math.sqrt(start.alpha_bar0) * x0_hat + math.sqrt(1 - start.alpha_bar0) * z
     assert torch.allclose(out, expected, atol=1e-5)
     assert module.calls == [4]
-    assert encoder.calls == [["dark", "dark"], ["bright", "bright"]]
+    assert encoder.calls == [["bright", "bright", "dark", "dark"]]  # negative and positive prompts in one call
 
 
 def test_sgm_noise_multiplier_hands_over_the_vp_latent():
@@ -136,3 +137,14 @@ def test_wrong_encoder_or_channels_are_refused():
     sd3_noise = torch.randn(1, 16, 4, 4)
     with pytest.raises(ValueError, match="16"):
         oms_start(module, MeanEncoder(), sd3_noise, "dark", start=SamplerStart.k_diffusion(SIGMA0), z=sd3_noise)
+
+
+def test_text_width_other_than_the_module_reads_is_refused_before_any_work():
+    """A module whose metadata names the right encoder kind but whose network reads another width (a mislabelled
+    file) fails with a message, not a shape error deep in the network."""
+    module = constant_module()
+    module.text_width = 768
+    encoder = MeanEncoder()
+    with pytest.raises(TextEncoderError, match="768-wide.*gives 1-wide"):
+        oms_start(module, encoder, unit_noise(), "dark", start=SamplerStart.k_diffusion(SIGMA0), z=unit_noise())
+    assert module.calls == [] and encoder.calls == []

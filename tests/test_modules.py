@@ -14,6 +14,7 @@ from lib_oms.modules import (
     ModuleCache,
     ModuleEntry,
     check_latent_space,
+    describe_module,
     find_modules,
     latent_space_from_name,
     load_module,
@@ -190,6 +191,34 @@ def test_find_modules(tmp_path, tiny):
         ModuleEntry("half_downloaded", first / "half_downloaded"),
         ModuleEntry("oms_b_openclip_xl", first / "oms_b_openclip_xl"),
     ]
+
+
+def test_find_modules_leaves_out_text_encoders_and_other_models(tmp_path, tiny):
+    """models/README.md suggests models/oms/sd21_text_encoder.safetensors: it is a text encoder, not a module."""
+    folder = tmp_path / "oms"
+    write_lone_safetensors(folder / "oms_tiny_15_21.safetensors", tiny[1], tiny[0])
+    text_tensors = {"text_model.embeddings.token_embedding.weight": torch.zeros(8, 4)}
+    write_lone_safetensors(folder / "sd21_text_encoder.safetensors", text_tensors)
+    write_lone_safetensors(folder / "open_clip_vit_h14.safetensors", text_tensors)  # no OMS network inside
+    (folder / "text_encoder").mkdir()
+    write_lone_safetensors(folder / "text_encoder" / "model.safetensors", text_tensors)
+    (folder / "truncated.safetensors").write_bytes(b"\x10")  # unreadable: listed, so loading it says why
+    assert [entry.name for entry in find_modules([folder])] == ["oms_tiny_15_21", "truncated"]
+
+
+def test_describe_module_reads_no_tensor(tmp_path, tiny, monkeypatch):
+    config, state = tiny
+    named = write_released_folder(tmp_path, "oms_b_openclip_xl", config, state)
+    indexed = write_released_folder(tmp_path, "plain_folder", config, state, latent_space="sd",
+                                    text_encoder="openclip-h")
+    lone = write_lone_safetensors(tmp_path / "plain.safetensors", state, config, metadata={"latent_space": "sdxl"})
+    sidecar = write_lone_safetensors(tmp_path / "other.safetensors", state, config)
+    write_sidecar(sidecar, latent_space="custom")
+    monkeypatch.setattr(modules, "load_file", lambda *args, **kwargs: pytest.fail("tensors were read"))
+    assert describe_module(named) == ("sdxl", "openclip-h")
+    assert describe_module(indexed) == ("sd", "openclip-h")
+    assert describe_module(lone) == ("sdxl", "openclip-h")
+    assert describe_module(sidecar) == ("custom", "openclip-h")
 
 
 def test_cache_returns_the_same_module_until_a_file_changes(tmp_path, tiny):
@@ -447,3 +476,19 @@ def test_not_a_module_file(tmp_path, no_heavy_work):
     path.write_text("x")
     with raises_naming(path, "expected a .safetensors file or a module folder"):
         load_module(path)
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite(tmp_path, tiny, monkeypatch, fp16, bad):
+    """A corrupt file whose header is sound: only its values tell, so the check runs on the read tensors, before the
+    network is built (in the WebUI, NaN weights would otherwise surface as the WebUI's own NaN error in its UNet)."""
+    config, state = tiny
+    key = "up_blocks.1.attentions.0.proj_out.weight"
+    broken = {**state, key: state[key].clone().index_fill_(0, torch.tensor([3]), bad)}
+    folder = write_released_folder(tmp_path, "m", config, broken, fp16=fp16)
+    monkeypatch.setattr(modules.OMSUNet, "from_state_dict", lambda *a, **k: pytest.fail("built from bad weights"))
+    weights = folder / "oms_module" / ("diffusion_pytorch_model.fp16.safetensors" if fp16 else "diffusion_pytorch_model"
+                                       ".safetensors")
+    with raises_naming(weights, f"tensor '{key}' holds NaN or infinite values"):
+        load_module(folder, dtype=torch.float16 if fp16 else torch.float32)

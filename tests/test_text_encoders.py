@@ -129,7 +129,8 @@ def files(oc_model, tmp_path_factory):
     cut = {k: v for k, v in converted.items() if f"layers.{TINY_H.layers - 1}." not in k}
     _save_hf_folder(paths["sd2_diffusers"] / "text_encoder", cut, TINY_H, TINY_H.layers - 1)
     paths["hf_file"] = root / "text_encoder.safetensors"
-    save_file({k: v.contiguous() for k, v in converted.items()}, str(paths["hf_file"]))
+    # q, k and v are views of one in_proj tensor: safetensors 0.3 refuses tensors that share memory
+    save_file({k: v.clone() for k, v in converted.items()}, str(paths["hf_file"]))
     return paths
 
 
@@ -246,6 +247,16 @@ def test_to_and_dtype(files, expected):
     assert out.dtype == torch.float64 and torch.allclose(out.float(), expected["penultimate"][:1], atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loads_on_torch_2_0_without_assign(as_on_torch_2_0, files, dtype):
+    """A1111 1.6/1.7 run torch 2.0, whose load_state_dict has no ``assign``: the same encoder, weights copied in."""
+    assigned = load_openclip_text_encoder(files["open_clip"], spec=TINY_H, dtype=dtype)
+    as_on_torch_2_0()
+    copied = load_openclip_text_encoder(files["open_clip"], spec=TINY_H, dtype=dtype)
+    assert copied.dtype == dtype and copied.device.type == "cpu"
+    assert torch.equal(copied.encode(PROMPTS), assigned.encode(PROMPTS))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # SDXL mixclip
 
@@ -285,6 +296,13 @@ def test_mixclip_matches_direct_computation(layout, sdxl):
     assert isinstance(encoder, MixClipTextEncoder)
     assert (encoder.kind, encoder.width, encoder.max_length) == ("sdxl-mixclip", 48 + 80, 77)
     assert torch.allclose(encoder.encode(PROMPTS), sdxl["expected"], atol=1e-5)
+
+
+def test_mixclip_loads_on_torch_2_0_without_assign(as_on_torch_2_0, sdxl):
+    assigned = load_mixclip_text_encoder(sdxl["checkpoint"], specs=(TINY_L, TINY_G))
+    as_on_torch_2_0()
+    copied = load_mixclip_text_encoder(sdxl["checkpoint"], specs=(TINY_L, TINY_G))
+    assert torch.equal(copied.encode(PROMPTS), assigned.encode(PROMPTS))
 
 
 def test_mixclip_refuses_sd2_checkpoint(files):

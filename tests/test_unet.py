@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import lib_oms.unet as unet_module
 from lib_oms.errors import ModuleFileError
 from lib_oms.unet import OMSUNet, infer_unet_config, normalize_unet_config, parameter_count, parameter_shapes
 from tests.factories import (
@@ -92,15 +91,18 @@ def test_from_state_dict_is_strict():
         reference_unet(config, state)
 
 
-def test_from_state_dict_without_assign_matches(monkeypatch):
-    """torch 2.0 (WebUI 1.6/1.7) has no load_state_dict(assign=True): the network is built for real and copied."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_from_state_dict_without_assign_matches(as_on_torch_2_0, dtype):
+    """torch 2.0 (WebUI 1.6/1.7) has no load_state_dict(assign=True): the weights are copied in instead."""
     config = tiny_unet_config()
-    state = random_state_dict(config)
+    state = random_state_dict(config, dtype=dtype)
     sample, context = tiny_inputs(config)
     with torch.no_grad():
-        expected = reference_unet(config, state)(sample, context)
-        monkeypatch.setattr(unet_module, "_CAN_ASSIGN", False)
-        assert torch.equal(reference_unet(config, state)(sample, context), expected)
+        expected = reference_unet(config, state)(sample.to(dtype), context.to(dtype))
+        as_on_torch_2_0()
+        unet = reference_unet(config, state)
+        assert torch.equal(unet(sample.to(dtype), context.to(dtype)), expected)
+    assert {p.dtype for p in unet.parameters()} == {dtype}
 
 
 def test_half_precision_forward_with_upcast_attention_is_close_to_fp32():

@@ -12,9 +12,11 @@ from lib_oms.webui_args import (
     INFOTEXT_SKIPPED,
     ArgumentError,
     OMSArgs,
+    alwayson_args_problem,
     from_dict,
     infotext_keys,
     infotext_params,
+    module_hash,
     module_label,
     module_name,
     parse_script_args,
@@ -110,7 +112,10 @@ def test_module_label_round_trip():
     assert module_label("oms_b_openclip_15_21", "0123456789") == "oms_b_openclip_15_21 [0123456789]"
     assert module_name("oms_b_openclip_15_21 [0123456789]") == "oms_b_openclip_15_21"
     assert module_name("my [module] v2") == "my [module] v2"  # brackets without a hex hash are part of the name
-    assert parse_script_args([{"module": "x [abcdef0123]"}]).module == "x"
+    assert module_hash("oms_b_openclip_15_21 [0123456789]") == "0123456789" and module_hash("my [module] v2") is None
+    # the hash of a pasted label is kept, so the glue can say when the local file is another one
+    assert parse_script_args([{"module": "x [abcdef0123]"}]).module == "x [abcdef0123]"
+    assert parse_script_args([{"module": " automatic [abcdef0123]"}]).module == AUTOMATIC
 
 
 @pytest.mark.parametrize("args", [
@@ -122,7 +127,8 @@ def test_infotext_round_trip(args):
     line = "Steps: 20, Sampler: Euler, " + to_infotext(params) + ", Version: v1.10.1"
     parsed = from_infotext(line)
     assert {arg.name: paste_value(arg, parsed) for arg in ARGS} == {
-        f.name: getattr(args, f.name) for f in fields(OMSArgs)}
+        f.name: getattr(args, f.name) for f in fields(OMSArgs)} | {
+        "module": args.module if args.module == AUTOMATIC else module_label(args.module, "0123456789")}
 
 
 def test_infotext_only_what_was_set():
@@ -147,3 +153,19 @@ def test_unreadable_pasted_value_is_left_alone():
     values = {arg.name: paste_value(arg, parsed) for arg in ARGS}
     assert values["enabled"] is True and values["cfg"] is None and values["solver"] is None
     assert values["prompt"] == ""
+
+
+@pytest.mark.parametrize("body, problem", [
+    ({"alwayson_scripts": {"One More Step": {"args": {"enabled": True}}}}, "must be a list"),
+    ({"alwayson_scripts": {"one more step": {"args": "true"}}}, "must be a list"),  # the WebUI ignores title case
+    ({"alwayson_scripts": {"One More Step": {"args": [{"enabled": True}]}}}, None),
+    ({"alwayson_scripts": {"One More Step": {}}}, None),
+    ({"alwayson_scripts": {"Other": {"args": {"x": 1}}}}, None),  # not ours to judge
+    ({"prompt": "x"}, None),
+    ([1, 2], None),
+])
+def test_alwayson_args_must_be_a_list(body, problem):
+    """The WebUI's API indexes ``args`` by position: an object answers ``KeyError: 0``."""
+    found = alwayson_args_problem(json.dumps(body).encode(), "One More Step")
+    assert (found is None) if problem is None else (problem in found and "[{\"enabled\": true" in found)
+    assert alwayson_args_problem(b"not json", "One More Step") is None  # the API answers malformed JSON itself

@@ -18,7 +18,6 @@ from lib_oms.webui_logic import (
     EncoderSource,
     Job,
     choose_module,
-    clean_prompt,
     huggingface_hub_dir,
     img2img_start,
     inpaint_noise,
@@ -26,12 +25,12 @@ from lib_oms.webui_logic import (
     model_skip_reason,
     module_dtype,
     offload_after_use,
-    oms_prompts,
     resolve_text_encoder,
     sd2_checkpoints,
     txt2img_start,
     untouched_passes,
     unwrap_hijacked_keys,
+    uses_refiner,
 )
 from tests.factories import text_tower_shapes, write_sparse_checkpoint
 
@@ -45,44 +44,6 @@ def sd_alphas_cumprod() -> torch.Tensor:
 def ddim_timesteps(steps: int) -> torch.Tensor:
     """CompVisSampler.get_timesteps (webui.md §2.2)."""
     return torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Prompts
-
-@pytest.mark.parametrize("prompt, expected", [
-    ("a photo of a cat", "a photo of a cat"),
-    ("a [b:3]", "a"),
-    ("a [b: 3] c", "a c"),
-    ("a [b:.5] c", "a c"),
-    ("a [b : c : 1] d", "a b d"),
-    ("a [b:c:0] d", "a c d"),
-    ("a[b:[c:d:2]:1]e", "abe"),
-    ("[(a:2):3]", ""),
-    ("[in foreground::0.6] x", "in foreground x"),
-    ("[a|(b:1.1)]", "a"),
-    ("[fe|]male", "female"),
-    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).", "a house on a hill, sun, sky."),
-    ("<lora:dark:0.8> a dark <hypernet:x:1>alley", "a dark alley"),
-    ("cat BREAK dog", "cat dog"),
-    ("a cat AND a dog :1.2", "a cat, a dog"),
-    (r"\(literal\) \[x\]", "(literal) [x]"),
-    ("a (unbalanced", "a unbalanced"),
-    ("style: photo | raw", "style: photo | raw"),
-    ("(a:b)", "a:b"),
-])
-def test_clean_prompt_reads_the_first_step(prompt, expected):
-    assert clean_prompt(prompt, steps=10) == expected
-
-
-def test_prompt_editing_fraction_counts_steps():
-    assert clean_prompt("[day:night:0.01]", steps=20) == "night"  # switches at int(0.2) = step 0
-    assert clean_prompt("[day:night:0.1]", steps=20) == "day"  # switches after step 2
-
-
-def test_oms_prompts_per_image_or_the_oms_prompt():
-    assert oms_prompts("", ["(dark) cave", "[snow|ice] field"], 20) == ["dark cave", "snow field"]
-    assert oms_prompts("  <lora:x:1> (night:1.3) ", ["a", "b"], 20) == ["night", "night"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,3 +272,13 @@ def test_precision_and_offload():
     assert offload_after_use(keep_in_vram=False, low_vram=False, device_type="cuda")
     assert not offload_after_use(keep_in_vram=True, low_vram=False, device_type="cuda")
     assert not offload_after_use(keep_in_vram=False, low_vram=True, device_type="cpu")
+
+
+@pytest.mark.parametrize("checkpoint, switch_at, used", [
+    ("sd_xl_refiner_1.0", 0.8, True),
+    ("sd_xl_refiner_1.0", None, True),  # the WebUI then switches at the first step
+    ("sd_xl_refiner_1.0", 1.0, False),  # never reached
+    ("None", 0.8, False), ("none", 0.8, False), ("", 0.8, False), (None, 0.8, False),
+])
+def test_refiner_as_the_webui_reads_it(checkpoint, switch_at, used):
+    assert uses_refiner(checkpoint, switch_at) is used

@@ -1,14 +1,20 @@
 """A minimal stand-in for the WebUI's ``modules`` package (and gradio), injected into ``sys.modules``.
 
 Enough of A1111 1.6–1.10 for ``scripts/one_more_step.py`` to be imported and driven as the WebUI drives it:
-``run(...)`` follows ``process_images_inner`` (process → per batch: new ImageRNG, process_batch, first draw, hook,
-sampler scaling) and swallows script errors the way ``ScriptRunner`` does. Samplers scale the start noise exactly
-as webui.md §2.1/§2.2/§2.8 describe, so tests can check the latent a sampler really starts from.
+``run(...)`` follows ``process_images_inner`` (seeds → process → per batch: new ImageRNG, process_batch, first draw,
+hook, sampler scaling, infotext) and swallows script errors the way ``ScriptRunner`` does; ``xyz_grid(...)`` makes
+cells as ``scripts/xyz_grid.py`` does. Samplers scale the start noise exactly as webui.md §2.1/§2.2/§2.8 describe, so
+tests can check the latent a sampler really starts from. ``modules.rng`` behaves as the real one on the CPU: seeds,
+variation seeds (slerp), seed resize, and the global reseeding its ``randn`` does.
 """
 
 from __future__ import annotations
 
+import copy
+import csv
 import importlib.util
+import io
+import re
 import sys
 import types
 from dataclasses import dataclass, field
@@ -46,6 +52,150 @@ def make_gradio():
         setattr(gr, name, type(name, (Component,), {}))
     gr.update = lambda **kwargs: {"__type__": "update", **kwargs}
     return gr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fastapi (the WebUI's API server)
+
+class HTTPException(Exception):
+    """fastapi.exceptions.HTTPException (starlette's): the status and detail are instance attributes."""
+
+    def __init__(self, status_code, detail=None, headers=None):
+        self.status_code, self.detail, self.headers = status_code, detail, headers
+
+    def __str__(self):
+        return f"{self.status_code}: {self.detail}"
+
+
+def make_fastapi():
+    fastapi = types.ModuleType("fastapi")
+    fastapi.__path__ = []
+    exceptions = types.ModuleType("fastapi.exceptions")
+    exceptions.HTTPException = fastapi.HTTPException = HTTPException
+    fastapi.exceptions = exceptions
+    return {"fastapi": fastapi, "fastapi.exceptions": exceptions}
+
+
+@dataclass
+class APIError:
+    status: int
+    traceback_printed: bool
+    body: dict
+
+
+def api_error(error: Exception) -> APIError:
+    """What the WebUI's API answers for an exception raised while generating (modules/api/api.py,
+    handle_exception): the status is the exception's ``status_code`` instance attribute, else 500, and the
+    traceback is printed to the console unless the exception is an HTTPException."""
+    body = {"error": type(error).__name__, "detail": vars(error).get("detail", ""),
+            "body": vars(error).get("body", ""), "errors": str(error)}
+    return APIError(vars(error).get("status_code", 500), not isinstance(error, HTTPException), body)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# modules.prompt_parser and modules.extra_networks.parse_prompt: the prompt syntax, re-written here for what the
+# extension reads (the first sampling step); tests/test_webui_support.py checks it against the real parser.
+
+_AND = re.compile(r"\bAND\b")
+_AND_WEIGHT = re.compile(r"\s*:\s*[-+]?(?:\d+\.?|\d*\.\d+)\s*$")
+_NUMBER = re.compile(r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*$")
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+class _Unbalanced(Exception):
+    pass
+
+
+def _when(text: str, steps: int) -> int:
+    """A prompt-editing step: "0.25" is a fraction of the steps, "5" a step number."""
+    value = float(text)
+    return min(steps, int(value * steps if "." in text else value))
+
+
+def _scheduled(opening: str, parts: list, separators: list, steps: int) -> str:
+    """One […] group at the first step: [a:when], [a:b:when], [a|b] resolve; [a] (de-emphasis) stays."""
+    literal = "".join(part + sep for part, sep in zip(parts, separators + [""], strict=True))
+    if opening == "(":
+        return f"({literal})"
+    if separators and all(sep == "|" for sep in separators):
+        return parts[0]
+    if separators == [":"] and _NUMBER.match(parts[1]):
+        return "" if 1 <= _when(parts[1].strip(), steps) else parts[0]
+    if separators == [":", ":"] and _NUMBER.match(parts[2]):
+        return parts[0] if 1 <= _when(parts[2].strip(), steps) else parts[1]
+    return f"[{literal}]"
+
+
+def _schedule(text: str, start: int, depth: int, steps: int):
+    parts, separators, i = [""], [], start
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text):
+            parts[-1] += text[i:i + 2]
+            i += 2
+        elif char in "([":
+            inner, inner_separators, i, closer = _schedule(text, i + 1, depth + 1, steps)
+            if closer is None:
+                raise _Unbalanced
+            parts[-1] += _scheduled(char, inner, inner_separators, steps)
+        elif char in ")]" and depth > 0:
+            return parts, separators, i + 1, char
+        elif char in ":|" and depth > 0 and (char == "|" or text[i - 1:i] != "\\"):
+            separators.append(char)
+            parts.append("")
+            i += 1
+        else:
+            parts[-1] += char
+            i += 1
+    return parts, separators, i, None
+
+
+def get_learned_conditioning_prompt_schedules(prompts, base_steps, hires_steps=None, use_old_scheduling=False):
+    """modules.prompt_parser's, for the first step only: [[[base_steps, the prompt at step 1]], ...]."""
+    schedules = []
+    for prompt in prompts:
+        try:
+            text = "".join(_schedule(prompt, 0, 0, base_steps)[0])
+        except _Unbalanced:
+            text = prompt  # the WebUI leaves a prompt it cannot parse as it is
+        schedules.append([[base_steps, text]])
+    return schedules
+
+
+def get_multicond_prompt_list(prompts):
+    """modules.prompt_parser's: the AND-separated sub-prompts without their weights, each once."""
+    flat, indexes, result = [], {}, []
+    for prompt in prompts:
+        entries = []
+        for subprompt in _AND.split(prompt):
+            weight = _AND_WEIGHT.search(subprompt)
+            text = subprompt[:weight.start()] if weight else subprompt.rstrip()
+            if text not in indexes:
+                indexes[text] = len(flat)
+                flat.append(text)
+            entries.append((indexes[text], float(weight.group().strip(" :")) if weight else 1.0))
+        result.append(entries)
+    return result, flat, indexes
+
+
+def parse_prompt_attention(text):
+    """modules.prompt_parser's chunks of text without emphasis syntax and escapes; BREAK is ["BREAK", -1]. The
+    weights are not modelled (1.0): the extension reads only the text."""
+    chunks = []
+    for index, piece in enumerate(re.split(r"\s*\bBREAK\b\s*", text)):
+        if index:
+            chunks.append(["BREAK", -1])
+        piece = re.sub(r"(?<!\\):\s*[+-]?[.\d]+\s*(?=\))", "", piece)
+        piece = re.sub(r"\\(.)|[()\[\]]", lambda m: m.group(1) or "", piece)
+        chunks.append([piece, 1.0])
+    return chunks
+
+
+def parse_extra_network_prompt(prompt):
+    """modules.extra_networks.parse_prompt: the prompt without <name:args> tags, and the tags."""
+    found = {}
+    text = _EXTRA_NETWORK.sub(lambda m: found.setdefault(m.group(1), []).append(m.group(2)) or "", prompt)
+    return text, found
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,12 +243,16 @@ class KDiffusionSampler:
 
 
 class CompVisSampler:
-    """DDIM/PLMS/UniPC: the noise is the VP latent itself (webui.md §2.2); img2img noises at timesteps[t_enc]."""
+    """DDIM/PLMS/UniPC: the noise is the VP latent itself (webui.md §2.2); img2img noises at timesteps[t_enc].
 
-    def __init__(self, funcname, alphas=None):
+    ᾱ lives on ``model_wrap.inner_model`` (A1111 1.9+, Forge, reForge); A1111 1.6-1.8's sampler has no
+    ``model_wrap`` (``with_model_wrap=False``) and reads the loaded model's ᾱ."""
+
+    def __init__(self, funcname, alphas=None, with_model_wrap=True):
         self.funcname = funcname
-        self.model_wrap = types.SimpleNamespace(
-            inner_model=types.SimpleNamespace(alphas_cumprod=alphas if alphas is not None else sd_alphas_cumprod()))
+        if with_model_wrap:
+            self.model_wrap = types.SimpleNamespace(
+                inner_model=types.SimpleNamespace(alphas_cumprod=alphas if alphas is not None else sd_alphas_cumprod()))
 
     def get_timesteps(self, p, steps):
         return torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
@@ -106,7 +260,9 @@ class CompVisSampler:
     def start(self, p, noise, opts):
         if p.mode == "img2img":
             steps, t_enc = setup_img2img_steps(p)
-            alpha = self.model_wrap.inner_model.alphas_cumprod[self.get_timesteps(p, steps)[t_enc]]
+            alphas = self.model_wrap.inner_model.alphas_cumprod if hasattr(self, "model_wrap") else \
+                p.sd_model.alphas_cumprod
+            alpha = alphas[self.get_timesteps(p, steps)[t_enc]]
             return p.init_latent * alpha.sqrt() + noise * (1 - alpha).sqrt()
         return noise
 
@@ -120,21 +276,88 @@ def setup_img2img_steps(p, steps=None):
     return requested, int(min(p.denoising_strength, 0.999) * requested)
 
 
-class ImageRNG:
-    """modules.rng.ImageRNG: the first draw is one seeded unit Gaussian per image, later draws continue the streams."""
+def manual_seed(seed):
+    torch.manual_seed(int(seed))
 
-    def __init__(self, shape, seeds):
-        self.shape, self.seeds = shape, seeds
-        self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-        self.draws = 0
 
-    def next(self):
-        self.draws += 1
-        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+def randn(seed, shape, generator=None):
+    """modules.rng.randn: reseeds the global generator with ``seed`` (a side effect), then draws from ``generator``
+    or, without one, from the global generator."""
+    manual_seed(seed)
+    return torch.randn(shape, generator=generator)
 
 
 def randn_local(seed, shape):
     return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
+
+
+def create_generator(seed):
+    return torch.Generator().manual_seed(int(seed))
+
+
+def slerp(t, low, high):
+    """modules.rng.slerp: spherical interpolation from ``low`` (t = 0) to ``high`` (t = 1) with the angle taken along
+    dim 1; nearly parallel inputs get the WebUI's linear fallback, whose weights are the other way round."""
+    cos = ((low / low.norm(dim=1, keepdim=True)) * (high / high.norm(dim=1, keepdim=True))).sum(dim=1)
+    if cos.mean() > 0.9995:
+        return t * low + (1 - t) * high
+    angle = torch.acos(cos)
+    weight_low = (torch.sin((1.0 - t) * angle) / torch.sin(angle)).unsqueeze(1)
+    weight_high = (torch.sin(t * angle) / torch.sin(angle)).unsqueeze(1)
+    return weight_low * low + weight_high * high
+
+
+def paste_centred(small, big):
+    """``big`` with ``small`` laid over its centre on the last two axes; where ``small`` is larger, its centre is
+    cropped symmetrically (so with an odd difference one edge row or column of ``big`` stays, as in the WebUI)."""
+    target, source = [slice(None)], [slice(None)]
+    for small_size, big_size in zip(small.shape[1:], big.shape[1:], strict=True):
+        offset = (big_size - small_size) // 2
+        length = small_size if offset >= 0 else small_size + 2 * offset
+        target.append(slice(max(offset, 0), max(offset, 0) + length))
+        source.append(slice(max(-offset, 0), max(-offset, 0) + length))
+    big[tuple(target)] = small[tuple(source)]
+    return big
+
+
+class ImageRNG:
+    """modules.rng.ImageRNG: the first draw is each image's seeded unit Gaussian, slerped toward its variation seed's
+    by ``subseed_strength`` and, with "resize seed from", drawn at that size and laid over the centre of a draw of the
+    real size; later draws continue each image's stream (restarted from seed + eta noise seed delta if set)."""
+
+    def __init__(self, shape, seeds, subseeds=None, subseed_strength=0.0, seed_resize_from_h=0, seed_resize_from_w=0):
+        self.shape = tuple(int(n) for n in shape)
+        self.seeds, self.subseeds, self.subseed_strength = seeds, subseeds, subseed_strength
+        self.seed_resize_from_h, self.seed_resize_from_w = seed_resize_from_h, seed_resize_from_w
+        self.generators = [create_generator(seed) for seed in seeds]
+        self.draws = 0
+
+    def first(self):
+        resized = self.seed_resize_from_h > 0 and self.seed_resize_from_w > 0
+        drawn = (self.shape[0], int(self.seed_resize_from_h) // 8, int(self.seed_resize_from_w) // 8) if resized \
+            else self.shape
+        images = []
+        for i, (seed, generator) in enumerate(zip(self.seeds, self.generators, strict=True)):
+            variation = None
+            if self.subseeds is not None and self.subseed_strength != 0:
+                variation = randn(self.subseeds[i] if i < len(self.subseeds) else 0, drawn)
+            noise = randn(seed, drawn) if drawn != self.shape else randn(seed, self.shape, generator=generator)
+            if variation is not None:
+                noise = slerp(self.subseed_strength, noise, variation)
+            if drawn != self.shape:
+                noise = paste_centred(noise, randn(seed, self.shape, generator=generator))
+            images.append(noise)
+        delta = sys.modules["modules.shared"].opts.eta_noise_seed_delta  # as the real one reads it
+        if delta:
+            self.generators = [create_generator(seed + delta) for seed in self.seeds]
+        return torch.stack(images).to(sys.modules["modules.shared"].device)
+
+    def next(self):
+        self.draws += 1
+        if self.draws == 1:
+            return self.first()
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(
+            sys.modules["modules.shared"].device)
 
 
 class FakeSDModel:
@@ -143,6 +366,7 @@ class FakeSDModel:
         self.is_sd3 = family == "sd3"
         self.latent_channels = latent_channels
         self.lowvram = False
+        self.alphas_cumprod = sd_alphas_cumprod()  # LatentDiffusion's buffer
         self.sd_checkpoint_info = types.SimpleNamespace(filename=checkpoint)
         if self.is_sdxl:
             keys = ["txt"] if family == "sdxl-refiner" else ["txt", "txt"]
@@ -157,7 +381,13 @@ class Processing:
     sd_model: object = None
     prompt: str = "a dark alley"
     all_prompts: list = field(default_factory=list)
+    seed: int = 11
+    subseed: int = 1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = 0
+    seed_resize_from_w: int = 0
     all_seeds: list = field(default_factory=list)
+    all_subseeds: list = field(default_factory=list)
     batch_size: int = 1
     steps: int = 20
     width: int = 48
@@ -202,7 +432,8 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
     """The fake ``modules`` package; returns (package, {name: submodule})."""
     subs = {name: types.ModuleType(f"modules.{name}") for name in (
         "scripts", "script_callbacks", "shared", "paths", "processing", "rng", "devices", "lowvram", "sd_models",
-        "sd_samplers_kdiffusion", "sd_samplers_timesteps", "sd_samplers_common", "ui_components", "ui_common")}
+        "sd_samplers_kdiffusion", "sd_samplers_timesteps", "sd_samplers_common", "ui_components", "ui_common",
+        "prompt_parser", "extra_networks")}
     base = type("Script", (Script,), {})
     if with_hook:
         base.process_before_every_sampling = lambda self, p, *args, **kwargs: None
@@ -210,22 +441,24 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
     subs["scripts"].AlwaysVisible = object()
     subs["scripts"].scripts_data = []
     callbacks = subs["script_callbacks"]
-    callbacks.registered = {"ui_settings": [], "before_ui": [], "model_loaded": []}
+    callbacks.registered = {"ui_settings": [], "before_ui": [], "model_loaded": [], "app_started": []}
     for name in callbacks.registered:
         setattr(callbacks, f"on_{name}", callbacks.registered[name].append)
     shared = subs["shared"]
     shared.opts = Opts(**{"randn_source": "GPU", "sd_noise_schedule": "Default", "sgm_noise_multiplier": False,
-                          "img2img_extra_noise": 0.0, **(opts or {})})
+                          "img2img_extra_noise": 0.0, "eta_noise_seed_delta": 0, **(opts or {})})
     shared.OptionInfo = OptionInfo
     shared.cmd_opts = types.SimpleNamespace(oms_models_dir=None, oms_no_download=False)
     shared.state = types.SimpleNamespace(interrupted=False, skipped=False, textinfo=None)
     subs["sd_models"].checkpoints_list = {}  # title -> CheckpointInfo (.filename), the WebUI's checkpoint folders
     shared.sd_model = FakeSDModel()
+    shared.device = torch.device("cpu")  # where ImageRNG's draws go
     subs["paths"].models_path = str(models_path)
     processing = subs["processing"]
     processing.StableDiffusionProcessingTxt2Img = StableDiffusionProcessingTxt2Img
     processing.StableDiffusionProcessingImg2Img = StableDiffusionProcessingImg2Img
-    subs["rng"].randn_local = randn_local
+    for function in (randn, randn_local, manual_seed, create_generator, slerp, ImageRNG):
+        setattr(subs["rng"], function.__name__, function)
     devices = subs["devices"]
     devices.device = devices.cpu = torch.device("cpu")
     devices.dtype_unet = torch.float32
@@ -237,6 +470,9 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
     subs["sd_samplers_kdiffusion"].KDiffusionSampler = KDiffusionSampler
     subs["sd_samplers_timesteps"].CompVisSampler = CompVisSampler
     subs["sd_samplers_common"].setup_img2img_steps = setup_img2img_steps
+    for function in (get_learned_conditioning_prompt_schedules, get_multicond_prompt_list, parse_prompt_attention):
+        setattr(subs["prompt_parser"], function.__name__, function)
+    subs["extra_networks"].parse_prompt = parse_extra_network_prompt
     subs["ui_components"].InputAccordion = type("InputAccordion", (Component,), {})
     subs["ui_common"].create_refresh_button = lambda *args, **kwargs: Component()
     package = types.ModuleType("modules")
@@ -253,6 +489,7 @@ class WebUI:
     modules: dict
     script_module: types.ModuleType
     errors: list = field(default_factory=list)  # what ScriptRunner would have reported (and swallowed)
+    infotexts: list = field(default_factory=list)  # each image's generation parameters from the script, in order
 
     @property
     def opts(self):
@@ -273,15 +510,21 @@ class WebUI:
         script = self.script()
         with_hook = hasattr(self.modules["scripts"].Script, "process_before_every_sampling")
         p.script_args = tuple(args)
+        images = p.batch_size * batches
         if not p.all_prompts:
-            p.all_prompts = [p.prompt] * (p.batch_size * batches)
+            p.all_prompts = [p.prompt] * images
+        if not p.all_seeds:  # with a variation strength every image keeps the seed and only the subseed counts up
+            p.all_seeds = [int(p.seed) + (i if p.subseed_strength == 0 else 0) for i in range(images)]
+        if not p.all_subseeds:
+            p.all_subseeds = [int(p.subseed) + i for i in range(images)]
         self._call(script.process, p, *args)
         starts = []
         for n in range(batches):
-            p.prompts = p.all_prompts[n * p.batch_size:(n + 1) * p.batch_size]
-            p.seeds = p.all_seeds[n * p.batch_size:(n + 1) * p.batch_size]
+            batch = slice(n * p.batch_size, (n + 1) * p.batch_size)
+            p.prompts, p.seeds, p.subseeds = p.all_prompts[batch], p.all_seeds[batch], p.all_subseeds[batch]
             shape = (p.sd_model.latent_channels, p.height // 8, p.width // 8)
-            p.rng = ImageRNG(shape, p.seeds)
+            p.rng = ImageRNG(shape, p.seeds, subseeds=p.subseeds, subseed_strength=p.subseed_strength,
+                             seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w)
             self._call(script.process_batch, p, *args, batch_number=n, prompts=p.prompts, seeds=p.seeds)
             x = p.rng.next()  # not wrapped: an exception here reaches the user
             if with_hook:
@@ -292,7 +535,56 @@ class WebUI:
                            p.init_latent, noise=noise, c=None, uc=None)
                 x = noise
             starts.append(p.sampler.start(p, x, self.opts))
+            # create_infotext, once per image after its batch: the script's keys whose value is not None
+            self.infotexts += [{k: v for k, v in p.extra_generation_params.items() if v is not None} for _ in p.seeds]
         return starts
+
+    def xyz_grid(self, p, args, x_axis, y_axis=None) -> dict:
+        """scripts/xyz_grid.py: each cell is a shallow ``copy(p)`` (so every cell shares p's
+        ``extra_generation_params`` dict) with the axes applied, made in its default order (y outer, x inner).
+        ``x_axis`` / ``y_axis``: (AxisOption, values). Returns {(ix, iy): (start, infotext of its image)}."""
+        x_option, xs = x_axis
+        y_option, ys = y_axis or (None, [None])
+        cells = {}
+        for iy, y in enumerate(ys):
+            for ix, x in enumerate(xs):
+                cell = copy.copy(p)
+                x_option.apply(cell, x, xs)
+                if y_option is not None:
+                    y_option.apply(cell, y, ys)
+                cells[ix, iy] = (self.run(cell, args)[0], self.infotexts[-1])
+        return cells
+
+
+class AxisOption:
+    """scripts/xyz_grid.py's AxisOption: ``apply(p, value, values)`` sets a cell's value on its copy of ``p``."""
+
+    def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
+        self.label, self.type, self.apply, self.confirm, self.choices, self.cost = (
+            label, type, apply, confirm, choices, cost)
+        self.prepare = prepare  # A1111 1.9+, Forge, reForge; 1.6-1.8 have no prepare
+
+
+def csv_string_to_list_strip(text):
+    """xyz_grid's: the comma-separated values, stripped (CSV quoting allowed)."""
+    return [value.strip() for row in csv.reader(io.StringIO(text), skipinitialspace=True) for value in row]
+
+
+_XYZ_NUMBER = r"\s*([+-]?\s*\d+(?:.\d*)?)"
+
+
+def add_xyz_script(webui: WebUI) -> types.SimpleNamespace:
+    """The X/Y/Z plot script as the extension finds it in ``scripts.scripts_data``; returns its module."""
+    module = types.SimpleNamespace(
+        AxisOption=AxisOption, axis_options=[AxisOption("Seed", int, None)],
+        csv_string_to_list_strip=csv_string_to_list_strip,
+        re_range_float=re.compile(  # 1-2 (+0.5)
+            _XYZ_NUMBER + r"\s*-" + _XYZ_NUMBER + r"(?:\s*\(([+-]\d+(?:.\d*)?)\s*\))?\s*"),
+        re_range_count_float=re.compile(  # 1-2 [3]
+            _XYZ_NUMBER + r"\s*-" + _XYZ_NUMBER + r"(?:\s*\[(\d+(?:.\d*)?)\s*])?\s*"))
+    data = types.SimpleNamespace(script_class=type("Script", (), {"__module__": "xyz_grid.py"}), module=module)
+    webui.modules["scripts"].scripts_data.append(data)
+    return module
 
 
 def install(monkeypatch, models_path: Path, *, with_hook: bool = True, opts: dict | None = None) -> WebUI:
@@ -300,6 +592,8 @@ def install(monkeypatch, models_path: Path, *, with_hook: bool = True, opts: dic
     fresh, as the WebUI loads it."""
     package, subs = make_modules(models_path, with_hook=with_hook, opts=opts)
     monkeypatch.setitem(sys.modules, "gradio", make_gradio())
+    for name, module in make_fastapi().items():
+        monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setitem(sys.modules, "modules", package)
     for name, module in subs.items():
         monkeypatch.setitem(sys.modules, f"modules.{name}", module)

@@ -14,8 +14,40 @@ from pathlib import Path
 import pytest
 import webui_api as api
 
+# The smoke set every WebUI of the CI matrix runs (tests/webui/harness/matrix.py; A1111 1.10.1 runs everything):
+# listed, off bit-identical, on applied with its infotext, one k-diffusion and one DDIM-type sampler, errors, memory.
+SMOKE = {
+    "test_script_is_listed",
+    "test_disabled_is_bit_identical_to_a_request_without_the_script[positional-defaults]",
+    "test_enabled_changes_the_image_and_writes_its_infotext",
+    "test_sampler_runs_with_oms_and_differs_from_off[Euler a]",
+    "test_sampler_runs_with_oms_and_differs_from_off[DDIM]",
+    "test_bad_argument_is_an_error_response_naming_the_field[missing-module]",
+    "test_bad_argument_is_an_error_response_naming_the_field[cfg-not-a-number]",
+    "test_server_still_generates_after_an_error",
+    "test_failed_loads_release_what_they_read",
+}
+# Added for Forge and reForge, whose X/Y/Z script is their own copy.
+XYZ = {
+    "test_oms_axes_are_offered",
+    "test_xyz_plot_over_oms_cfg",
+    "test_xyz_plot_over_oms_enabled",
+    "test_xyz_off_cell_after_an_on_cell_carries_no_oms_infotext",
+    "test_xyz_enabled_by_cfg_cells_describe_themselves",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "smoke: the real-WebUI smoke set every WebUI of the CI matrix runs")
+    config.addinivalue_line("markers", "xyz: the X/Y/Z plot tests Forge and reForge run beside the smoke set")
+
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.name in SMOKE:
+            item.add_marker(pytest.mark.smoke)
+        if item.name in XYZ:
+            item.add_marker(pytest.mark.xyz)
     if api.BASE_URL:
         return
     skip = pytest.mark.skip(reason="SD_WEBUI_URL is not set: no WebUI server to test against")
@@ -67,3 +99,11 @@ def script_info(server):
     reply = api.get("/sdapi/v1/script-info")
     assert reply.status == 200, reply.text[:500]
     return reply.body
+
+
+@pytest.fixture(scope="session")
+def console(server):
+    """The server's console output (SD_WEBUI_LOG: the file the harness sends the server's stdout and stderr to)."""
+    if not api.CONSOLE_LOG:
+        pytest.skip("SD_WEBUI_LOG is not set: the server's console output is not available")
+    return api.Console(api.CONSOLE_LOG)

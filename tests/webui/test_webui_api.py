@@ -8,6 +8,14 @@ import pytest
 import webui_api as api
 
 
+def test_script_is_listed(server):
+    """/sdapi/v1/scripts names the script in both tabs (every WebUI version; script-info fails on A1111 1.6)."""
+    reply = api.get("/sdapi/v1/scripts")
+    assert reply.status == 200, reply.text[:500]
+    for tab in ("txt2img", "img2img"):
+        assert api.SCRIPT_TITLE.lower() in [name.lower() for name in reply.body[tab]], reply.body
+
+
 def test_script_is_listed_with_its_arguments_in_api_order(script_info):
     entries = [s for s in script_info if s["name"] == api.SCRIPT_TITLE.lower()]
     assert {s["is_img2img"] for s in entries} == {False, True}, "expected in both txt2img and img2img"
@@ -108,6 +116,68 @@ def test_server_still_generates_after_an_error(generate, oms_on):
     api.request("POST", "/sdapi/v1/txt2img", api.payload({"enabled": True, "cfg": "lots"}))
     again = generate(api.payload(api.positional_args(enabled=True)), fresh=True)
     assert api.same_pixels(again.images[0], oms_on.images[0])
+
+
+def test_failed_loads_release_what_they_read(generate, oms_on):
+    """Three OMS requests that fail after reading a whole module leave the server's memory where it was, and the
+    server still makes the normal OMS image.
+
+    The harness must place ``models/oms/broken_for_tests.safetensors``: the OMS-B test module's weights (the
+    ``oms_module/diffusion_pytorch_model.safetensors`` of ``oms_b_openclip_15_21``, 616 MB in fp32) saved as one
+    lone .safetensors with NaN written into one tensor, no sidecar (the config is inferred from the shapes). Its
+    header passes every check, so each request reads all 616 MB before the NaN is found: the point where the
+    extension used to keep the failed loader's frames, and so those tensors, alive in a reference cycle until a full
+    garbage collection (1.9 GB per failed request on A1111 1.6). Bound: 300 MB over three requests, under half of
+    what one request kept; the first failing request is not counted (the allocator's pools may grow once for good).
+    """
+    body = api.payload({"enabled": True, "module": api.BROKEN_MODULE})
+
+    def fail():
+        reply = api.request("POST", "/sdapi/v1/txt2img", body)
+        assert reply.status >= 400 and "NaN" in reply.text, (
+            f"expected the NaN error of models/oms/{api.BROKEN_MODULE}.safetensors (placed by the harness), got "
+            f"HTTP {reply.status}: {reply.text[:1000]}")
+
+    fail()
+    before = api.server_rss()
+    for _ in range(3):
+        fail()
+    grown = api.server_rss() - before
+    assert grown < 300 * 2**20, f"the server grew by {grown / 2**20:.0f} MB over three failed requests"
+    again = generate(api.payload(api.positional_args(enabled=True)), fresh=True)
+    assert api.same_pixels(again.images[0], oms_on.images[0])
+
+
+def test_variation_strength_changes_an_oms_image_as_much_as_a_plain_one(generate, baseline, oms_on):
+    """Variation strength 0.5 changes the image with OMS on (SDE solver) about as much as without OMS: z, the SDE
+    solver's fresh noise, follows the variation seed as the WebUI's noise does. The bound, half the plain change,
+    holds when z moves like the WebUI's noise (the two changes are then alike, the images differing only by what
+    the random weights make of them), and fails when only the OMS input follows the variation seed: the start is
+    x̂0 + σ₀·z with σ₀ ≈ 14.6, so a z that stays put keeps the start, and the image, nearly unchanged."""
+    plain = generate(api.payload(subseed_strength=0.5))
+    with_oms = generate(api.payload({"enabled": True}, subseed_strength=0.5))
+    assert with_oms.params()["Variation seed strength"] == "0.5"
+    plain_change = api.mean_abs_diff(plain.images[0], baseline.images[0])
+    oms_change = api.mean_abs_diff(with_oms.images[0], oms_on.images[0])
+    assert plain_change > 1.0, f"variation strength 0.5 changed the plain image by only {plain_change:.2f}"
+    assert oms_change > 0.5 * plain_change, (oms_change, plain_change)
+
+
+def test_variation_batch_with_oms_gives_distinct_images(generate):
+    """Under a variation strength A1111 gives every image of a batch the same seed and counts up only the variation
+    seed: with z drawn from the seed alone the two OMS images were near-duplicates. Each image is also the one made
+    alone with its variation seed (same rounding bound as test_batch_of_two_equals_two_single_images)."""
+    seed, subseed = api.BASE_PAYLOAD["seed"], api.BASE_PAYLOAD["subseed"]
+    plain = generate(api.payload(batch_size=2, subseed_strength=0.5))
+    with_oms = generate(api.payload({"enabled": True}, batch_size=2, subseed_strength=0.5))
+    assert [with_oms.params(i)["Seed"] for i in range(2)] == [str(seed)] * 2
+    assert [with_oms.params(i)["Variation seed"] for i in range(2)] == [str(subseed), str(subseed + 1)]
+    plain_apart = api.mean_abs_diff(plain.images[0], plain.images[1])
+    oms_apart = api.mean_abs_diff(with_oms.images[0], with_oms.images[1])
+    assert plain_apart > 1.0 and oms_apart > 0.5 * plain_apart, (oms_apart, plain_apart)
+    second_alone = generate(api.payload({"enabled": True}, subseed=subseed + 1, subseed_strength=0.5))
+    got, want = with_oms.images[1], second_alone.images[0]
+    assert api.max_abs_diff(got, want) <= 2 and api.mean_abs_diff(got, want) < 0.05, api.mean_abs_diff(got, want)
 
 
 def test_batch_of_two_equals_two_single_images(generate, oms_on, baseline):

@@ -16,10 +16,11 @@ def xyz_axis_index(script_info, label: str) -> int:
     return x_type["choices"].index(label)
 
 
-def xyz_script_args(x_type: int, x_values: str = "", x_dropdown: list | None = None) -> list:
-    """The plot's 18 positional args: X only (Y and Z "Nothing"), no legend, the cells returned beside the grid."""
+def xyz_script_args(x_type: int, x_values: str = "", x_dropdown: list | None = None, y_type: int = 0,
+                    y_values: str = "") -> list:
+    """The plot's 18 positional args: X, optionally Y (Z "Nothing"), no legend, the cells returned beside the grid."""
     return [x_type, x_values, x_dropdown or [],
-            0, "", [],
+            y_type, y_values, [],
             0, "", [],
             False,  # draw_legend
             True,  # include_lone_images
@@ -30,9 +31,11 @@ def xyz_script_args(x_type: int, x_values: str = "", x_dropdown: list | None = N
             False]  # csv_mode
 
 
-def xyz_cells(generate, oms_args, x_type: int, x_values: str = "", x_dropdown=None) -> api.Generation:
-    body = api.payload(oms_args, script_name=XYZ_SCRIPT, script_args=xyz_script_args(x_type, x_values, x_dropdown))
-    return generate(body)
+def xyz_cells(generate, oms_args, x_type: int, x_values: str = "", x_dropdown=None, y_type: int = 0,
+              y_values: str = "") -> api.Generation:
+    """The plot's reply: ``all_images`` / ``infotexts`` hold the grid, then the cells (x fastest, then y)."""
+    args = xyz_script_args(x_type, x_values, x_dropdown, y_type, y_values)
+    return generate(api.payload(oms_args, script_name=XYZ_SCRIPT, script_args=args))
 
 
 def test_oms_axes_are_offered(script_info):
@@ -61,6 +64,36 @@ def test_xyz_plot_over_oms_enabled(generate, script_info, baseline, oms_on):
     assert api.same_pixels(on_cell, oms_on.images[0])
     assert "OMS" not in api.parse_infotext(plot.infotexts[1])
     assert api.parse_infotext(plot.infotexts[2])["OMS"] == "True"
+
+
+def test_xyz_off_cell_after_an_on_cell_carries_no_oms_infotext(generate, script_info, baseline):
+    """Cells are shallow copies of one p sharing its extra_generation_params: an off cell made after an on cell must
+    not show the on cell's OMS keys (here with an OMS prompt, so that key is written too), and is the image made
+    without OMS."""
+    oms_args = {"enabled": True, "prompt": "night"}
+    plot = xyz_cells(generate, oms_args, xyz_axis_index(script_info, api.AXIS_ENABLED), x_dropdown=["True", "False"])
+    on_cell, off_cell = plot.all_images[1:]
+    on_params, off_params = (api.parse_infotext(text) for text in plot.infotexts[1:])
+    assert on_params["OMS"] == "True" and on_params["OMS prompt"] == "night"
+    assert api.same_pixels(on_cell, generate(api.payload(oms_args)).images[0])
+    assert not api.oms_keys(off_params), off_params
+    assert api.same_pixels(off_cell, baseline.images[0])
+
+
+def test_xyz_enabled_by_cfg_cells_describe_themselves(generate, script_info, baseline, oms_on):
+    """X = Enabled (False, True) × Y = OMS CFG (1, 2): off cells, made after on cells of the row before, have no OMS
+    keys and are the baseline image; on cells say their own CFG and are the images made with it directly."""
+    plot = xyz_cells(generate, [False], xyz_axis_index(script_info, api.AXIS_ENABLED), x_dropdown=["False", "True"],
+                     y_type=xyz_axis_index(script_info, api.AXIS_CFG), y_values="1, 2")
+    assert len(plot.all_images) == 5, "expected the grid and four cells"
+    direct = {1.0: oms_on, 2.0: generate(api.payload(api.positional_args(enabled=True, cfg=2.0)))}
+    for iy, cfg in enumerate((1.0, 2.0)):
+        off, on = 1 + 2 * iy, 2 + 2 * iy
+        off_params, on_params = api.parse_infotext(plot.infotexts[off]), api.parse_infotext(plot.infotexts[on])
+        assert not api.oms_keys(off_params), (cfg, off_params)
+        assert api.same_pixels(plot.all_images[off], baseline.images[0])
+        assert on_params["OMS"] == "True" and float(on_params["OMS CFG"]) == cfg
+        assert api.same_pixels(plot.all_images[on], direct[cfg].images[0])
 
 
 def test_xyz_rejects_a_bad_cfg_value_before_generating(script_info, server):

@@ -33,8 +33,13 @@ INFOTEXT_KEYS = ("OMS", "OMS module", "OMS prompt", "OMS negative prompt", "OMS 
 AXIS_CFG = "[OMS] CFG"
 AXIS_ENABLED = "[OMS] Enabled"
 
+# The server's console output (stdout and stderr) as a file the harness writes, for what only the console shows.
+CONSOLE_LOG = os.environ.get("SD_WEBUI_LOG", "")
+
 # The released SD1.x/SD2.x module name the test server holds (random weights, released folder layout).
 DEFAULT_MODULE = os.environ.get("SD_WEBUI_OMS_MODULE", "oms_b_openclip_15_21")
+# A module the harness makes corrupt on purpose (see test_failed_loads_release_what_they_read).
+BROKEN_MODULE = "broken_for_tests"
 
 BASE_PAYLOAD = {
     "prompt": "a photo of a cat in a dark room",
@@ -83,6 +88,13 @@ def request(method: str, path: str, payload: dict | None = None) -> Reply:
 
 def get(path: str) -> Reply:
     return request("GET", path)
+
+
+def server_rss() -> int:
+    """The server process's resident memory in bytes (GET /sdapi/v1/memory: ram.used is psutil's RSS)."""
+    reply = get("/sdapi/v1/memory")
+    assert reply.status == 200 and "used" in reply.body.get("ram", {}), reply.text[:500]
+    return int(reply.body["ram"]["used"])
 
 
 def positional_args(**values) -> list:
@@ -170,3 +182,18 @@ def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+class Console:
+    """The server's console output from a point on: ``mark()`` before a request, ``since(mark)`` after it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def mark(self) -> int:
+        return os.path.getsize(self.path)
+
+    def since(self, mark: int) -> str:
+        with open(self.path, "rb") as handle:
+            handle.seek(mark)
+            return handle.read().decode("utf-8", errors="replace")

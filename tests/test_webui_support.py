@@ -1,0 +1,135 @@
+"""The helper scripts of the real-WebUI tests (tests/webui/), checked without a WebUI."""
+
+import sys
+
+import pytest
+
+from lib_oms.modules import describe_module, find_modules, load_module
+from tests.factories import tiny_unet_config
+from tests.webui_fakes import ROOT
+
+sys.path.insert(0, str(ROOT / "tests" / "webui"))
+import seams_files  # noqa: E402
+
+
+def test_seams_files_are_what_the_seam_tests_expect(tmp_path):
+    webui = tmp_path / "webui"
+    encoder = webui / "models" / "oms" / "text_encoder" / "model.safetensors"
+    encoder.parent.mkdir(parents=True)
+    encoder.write_bytes(b"the harness's text encoder")
+    checkpoint = tmp_path / "sd15.safetensors"
+    checkpoint.write_bytes(b"checkpoint")
+    for _ in range(2):  # the harness may run it again on the same folder
+        seams_files.main(["--webui", str(webui), "--checkpoint", str(checkpoint)])
+    oms = webui / "models" / "oms"
+    assert (oms / seams_files.TEXT_ENCODER_FILE).read_bytes() == encoder.read_bytes()
+    assert [entry.name for entry in find_modules([oms])] == [seams_files.WIDTH_MISMATCH_MODULE]
+    module_path = oms / seams_files.WIDTH_MISMATCH_MODULE
+    assert describe_module(module_path) == ("sd", "openclip-h")  # what the files say ...
+    assert load_module(module_path).text_width == tiny_unet_config()["cross_attention_dim"] == 32  # ... and read
+    refiner = webui / "models" / "Stable-diffusion" / f"{seams_files.REFINER}.safetensors"
+    assert refiner.read_bytes() == b"checkpoint"
+
+
+def test_seams_files_need_the_text_encoder_in_place(tmp_path):
+    with pytest.raises(SystemExit, match="text_encoder"):
+        seams_files.write(tmp_path, tmp_path / "x.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sdxl_end_to_end.py (the checkpoint's key names against A1111's SDXL config need sgm: its "keys" command)
+
+import sdxl_end_to_end  # noqa: E402
+
+
+def test_streamed_checkpoint_is_a_safetensors_file_with_every_tensor(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from lib_oms.modules import read_safetensors_header
+
+    model = torch.nn.Module()
+    model.text = torch.nn.Module()
+    model.text.embeddings = torch.nn.Embedding(5, 3)
+    model.text.register_buffer("position_ids", torch.arange(7).expand(1, -1))
+    model.proj = torch.nn.Linear(3, 4)
+    model.norm = torch.nn.LayerNorm(4)
+    model.logit_scale = torch.nn.Parameter(torch.tensor(1.0))
+    entries = sdxl_end_to_end.checkpoint_tensors(model)
+    assert entries["text.position_ids"] == ((1, 7), torch.int64) and entries["proj.weight"] == ((4, 3), torch.float16)
+    made = {}
+
+    def make(name, shape, dtype):
+        made[name] = sdxl_end_to_end.random_tensor(name, shape, dtype, torch.Generator().manual_seed(len(made)))
+        return made[name]
+
+    path = tmp_path / "x.safetensors"
+    size = sdxl_end_to_end.write_safetensors_streaming(path, entries, make)
+    assert size == path.stat().st_size and set(read_safetensors_header(path).shapes) == set(entries)
+    loaded = load_file(str(path))
+    assert all(torch.equal(loaded[name], made[name]) for name in entries)
+    assert torch.equal(loaded["text.position_ids"], torch.arange(7).expand(1, -1))
+    assert loaded["norm.weight"].float().sub(1).abs().max() < 0.2 and loaded["proj.bias"].abs().max() < 0.2
+    assert 0.3 < loaded["proj.weight"].float().std() * 3 ** 0.5 < 3  # ~ N(0, 1/fan_in)
+
+
+def test_sdxl_end_to_end_arguments(tmp_path):
+    webui = tmp_path / "webui"
+    (webui / sdxl_end_to_end.SDXL_CONFIG).parent.mkdir(parents=True)
+    (webui / sdxl_end_to_end.SDXL_CONFIG).write_text("model: {}")
+    args = sdxl_end_to_end.parse_args(["--webui", str(webui), "--python", "/venv/bin/python", "--port", "7999"])
+    assert (args.command, args.port, args.keep, str(args.work)) == (None, 7999, False, "sdxl_end_to_end")
+    assert sdxl_end_to_end.parse_args(["build", "--webui", str(webui), "--out", "c.safetensors"]).command == "build"
+    for bad in (["--webui", str(webui)], ["--webui", str(tmp_path), "--python", "py"]):
+        with pytest.raises(SystemExit):
+            sdxl_end_to_end.parse_args(bad)
+    command = sdxl_end_to_end.server_command("py", tmp_path / "c.safetensors", 7999, tmp_path / "oms")
+    assert command[:2] == ["py", "launch.py"] and "--oms-models-dir" in command and "--api" in command
+
+
+def test_sdxl_end_to_end_modules_are_sdxl_modules(tmp_path, monkeypatch):
+    from lib_oms.modules import describe_module
+
+    monkeypatch.setattr(sdxl_end_to_end, "MODULES", {"oms_tiny_openclip_xl": ("openclip-h", 1024),
+                                                     "oms_tiny_mixclip_xl": ("sdxl-mixclip", 2048)})
+    sdxl_end_to_end.write_modules(tmp_path, lambda width: tiny_unet_config(cross_attention_dim=width))
+    assert [entry.name for entry in find_modules([tmp_path])] == ["oms_tiny_mixclip_xl", "oms_tiny_openclip_xl"]
+    assert describe_module(tmp_path / "oms_tiny_mixclip_xl") == ("sdxl", "sdxl-mixclip")
+    assert load_module(tmp_path / "oms_tiny_openclip_xl").text_width == 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fake prompt parser of tests/webui_fakes.py against A1111's own (the real file, read from the WebUI archive)
+
+PROMPTS = ["a photo of a cat", "a [b:3]", "a [b: 3] c", "a [b:.5] c", "a [b : c : 1] d", "a [b:c:0] d",
+           "a[b:[c:d:2]:1]e", "[(a:2):3]", "[in foreground::0.6] x", "[a|(b:1.1)]", "[fe|]male",
+           "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).", "cat BREAK dog", "a cat AND a dog :1.2",
+           r"\(literal\) \[x\]", "a (unbalanced", "style: photo | raw", "(a:b)", "[day:night:0.01]", "(dark:1.3) cave"]
+
+
+@pytest.fixture(scope="module")
+def real_prompt_parser():
+    import importlib.util
+    import tarfile
+
+    pytest.importorskip("lark", reason="A1111's prompt parser needs lark (pip install lark)")
+    archive = ROOT.parent / "shared" / "webui" / "a1111-v1.10.1.tar.gz"
+    with tarfile.open(archive) as tar:
+        source = tar.extractfile("stable-diffusion-webui/modules/prompt_parser.py").read()
+    spec = importlib.util.spec_from_loader("a1111_prompt_parser", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    exec(compile(source, "a1111/modules/prompt_parser.py", "exec"), module.__dict__)
+    return module
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_fake_prompt_parser_reads_the_first_step_as_the_webui(real_prompt_parser, prompt):
+    from tests import webui_fakes as fake
+
+    def first_step_words(parser):
+        _, subprompts, _ = parser.get_multicond_prompt_list([prompt])
+        steps = [parser.get_learned_conditioning_prompt_schedules([s], 20)[0][0][1] for s in subprompts]
+        return subprompts, steps, ["".join(chunk for chunk, weight in parser.parse_prompt_attention(step)
+                                           if (chunk, weight) != ("BREAK", -1)) for step in steps]
+
+    assert first_step_words(fake) == first_step_words(real_prompt_parser)

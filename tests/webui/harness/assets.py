@@ -1,0 +1,128 @@
+"""Everything the test WebUIs need besides their code, made here with random weights (nothing is downloaded).
+
+- ``hf/``: a Hugging Face cache for ``openai/clip-vit-large-patch14`` (A1111's SD1 text encoder reads its config and
+  tokenizer from there; Forge and reForge ship their own): vocab.json and merges.txt made from the BPE vocabulary that
+  open_clip ships, config.json from transformers' own CLIP defaults of that model.
+- ``sd15_random.safetensors``: one random SD 1.5 checkpoint for all five WebUIs (make_checkpoint.py).
+- ``oms/``: what the tests expect in ``<webui>/models/oms/``: a random OMS-B module in the released folder layout
+  (``oms_b_openclip_15_21``), two small OMS-S modules (``oms_s_sd15_test`` for the module argument,
+  ``oms_s_openclip_xl_test`` for the wrong-latent-space error) and a random OpenCLIP ViT-H/14 text encoder in
+  SD 2.x's ``text_encoder`` layout; ``broken_for_tests.safetensors``, a lone OMS-B file with a NaN weight, which
+  loads completely before it is refused (the memory test of failed requests needs such a late failure).
+- ``extra_oms/``: a folder for ``--oms-models-dir`` holding ``oms_s_extra_dir_test``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from build import REPO, log
+
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+CLIP_L_REPO = "openai/clip-vit-large-patch14"
+CLIP_L_REVISION = "0" * 40  # any commit name: the cache is only read offline
+MODULE_NAME = "oms_b_openclip_15_21"
+CHECKPOINT_NAME = "sd15_random.safetensors"
+EXTRA_MODULE_NAME = "oms_s_extra_dir_test"
+BROKEN_MODULE_NAME = "broken_for_tests"
+# name -> (OMS-S or OMS-B, latent space, folder under assets/)
+MODULES = {
+    MODULE_NAME: ("oms-b", "sd", "oms"),
+    "oms_s_sd15_test": ("oms-s", "sd", "oms"),
+    "oms_s_openclip_xl_test": ("oms-s", "sdxl", "oms"),
+    EXTRA_MODULE_NAME: ("oms-s", "sd", "extra_oms"),
+}
+
+
+def bpe_files() -> tuple[dict[str, int], list[str]]:
+    """CLIP's vocabulary and merges as transformers' CLIPTokenizer reads them, from open_clip's BPE file."""
+    import open_clip.tokenizer as oc_tokenizer
+
+    merges_text = gzip.open(oc_tokenizer.default_bpe()).read().decode("utf-8").split("\n")
+    merges = merges_text[1:49152 - 256 - 2 + 1]
+    byte_chars = list(oc_tokenizer.bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(vocab)}, merges
+
+
+def make_clip_l_cache(hf_home: Path) -> Path:
+    from transformers import CLIPConfig, CLIPTokenizer
+
+    repo = hf_home / "hub" / ("models--" + CLIP_L_REPO.replace("/", "--"))
+    snapshot = repo / "snapshots" / CLIP_L_REVISION
+    if (snapshot / "merges.txt").is_file():
+        return hf_home
+    snapshot.mkdir(parents=True, exist_ok=True)
+    vocab, merges = bpe_files()
+    (snapshot / "vocab.json").write_text(json.dumps(vocab))
+    (snapshot / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    (snapshot / "special_tokens_map.json").write_text(json.dumps(special))
+    (snapshot / "tokenizer_config.json").write_text(json.dumps({**special, "model_max_length": 77,
+                                                                 "do_lower_case": True}))
+    text = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+            "projection_dim": 768, "hidden_act": "quick_gelu", "max_position_embeddings": 77}
+    vision = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
+              "patch_size": 14, "image_size": 224, "projection_dim": 768, "hidden_act": "quick_gelu"}
+    CLIPConfig(text_config=text, vision_config=vision, projection_dim=768).to_json_file(snapshot / "config.json")
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(CLIP_L_REVISION)
+    ids = CLIPTokenizer.from_pretrained(str(snapshot))("a photo of a cat")["input_ids"]
+    assert ids == [49406, 320, 1125, 539, 320, 2368, 49407], f"tokenizer files are wrong: {ids}"
+    return hf_home
+
+
+def make_checkpoint(assets: Path, python: Path, webui: Path, hf_home: Path) -> Path:
+    path = assets / CHECKPOINT_NAME
+    if not path.is_file():
+        log(f"making the random SD 1.5 checkpoint {path}")
+        env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+        subprocess.run([str(python), str(Path(__file__).with_name("make_checkpoint.py")), "--webui", str(webui),
+                        "--out", str(path)], check=True, env=env, cwd=webui)
+    return path
+
+
+def make_oms_folders(assets: Path) -> tuple[Path, Path]:
+    """Random OMS modules (released layout, fp16 as released) and a random SD 2.x-style OpenCLIP-H text encoder.
+
+    Returns the folder linked as <webui>/models/oms and the one given to --oms-models-dir."""
+    from factories import oms_b_config, oms_s_config, random_state_dict
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    from lib_oms import save_module
+    from lib_oms.text_encoders import OPENCLIP_VIT_H14, clip_text_config
+
+    for seed, (name, (size, latent_space, where)) in enumerate(MODULES.items(), start=7):
+        module = assets / where / name
+        if not (module / "model_index.json").is_file():
+            log(f"making the random {size} module {module}")
+            config = oms_b_config() if size == "oms-b" else oms_s_config()
+            save_module(module, random_state_dict(config, seed=seed), config, latent_space=latent_space,
+                        text_encoder="openclip-h", fp16=True)
+    oms = assets / "oms"
+    broken = oms / f"{BROKEN_MODULE_NAME}.safetensors"
+    if not broken.is_file():
+        log(f"making the module with a NaN weight {broken}")
+        state = random_state_dict(oms_b_config(), seed=3)  # fp32: 616 MB read before the NaN is found
+        state["conv_out.weight"][0, 0, 0, 0] = float("nan")
+        save_file(state, str(broken))
+    encoder = oms / "text_encoder"
+    if not (encoder / "model.safetensors").is_file():
+        log(f"making the random OpenCLIP ViT-H/14 text encoder {encoder}")
+        torch.manual_seed(11)
+        model = CLIPTextModel(clip_text_config(OPENCLIP_VIT_H14, OPENCLIP_VIT_H14.layers - 1))  # SD 2.x drops one
+        encoder.mkdir(parents=True, exist_ok=True)
+        model.config.to_json_file(encoder / "config.json")
+        save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()},
+                  str(encoder / "model.safetensors"))
+    return oms, assets / "extra_oms"
