@@ -491,8 +491,7 @@ def find_modules(dirs) -> list[ModuleEntry]:
     """Module folders and lone .safetensors in ``dirs``, sorted by name; text encoders and other models are left out.
 
     A folder counts when it has oms_module/ or model_index.json, so a half-downloaded module is listed and
-    load_module can say what is missing instead of it silently not appearing. Names with "text_encoder" are the
-    text encoders users place beside the modules (models/README.md), not modules. The same file reached twice
+    load_module can say what is missing instead of it silently not appearing. The same file reached twice
     (symlinks, a directory listed twice) appears once; a name already taken by an earlier directory gets the
     directory's name appended, so every entry stays selectable.
     """
@@ -501,7 +500,7 @@ def find_modules(dirs) -> list[ModuleEntry]:
         if not directory.is_dir():
             continue
         for child in sorted(directory.iterdir()):
-            if child.name.startswith(".") or "text_encoder" in child.name.lower():
+            if child.name.startswith("."):
                 continue
             if child.is_dir() and ((child / COMPONENT).is_dir() or (child / "model_index.json").is_file()):
                 name = child.name
