@@ -13,10 +13,9 @@ import torch
 from safetensors.torch import save, save_file
 
 from lib_oms.download import MODULE_REPOS, OPENCLIP_FILE, OPENCLIP_REPO, TEXT_ENCODER_REPOS
-from lib_oms.text_encoders import TowerSpec, clip_text_config
-from tests.factories import random_state_dict, tiny_unet_config, write_released_folder
+from tests.factories import TINY_OPENCLIP_H as TINY_H
+from tests.factories import random_state_dict, tiny_text_model, tiny_unet_config, write_released_folder
 
-TINY_H = TowerSpec("tiny OpenCLIP", width=64, layers=3, heads=4, intermediate=256, hidden_act="gelu")
 MODULE_WEIGHTS = "oms_module/diffusion_pytorch_model.fp16.safetensors"
 
 
@@ -41,16 +40,12 @@ def _random(shape, generator) -> torch.Tensor:
 
 
 @cache
-def transformers_tower(seed: int = 3, blocks: int = TINY_H.layers - 1) -> dict[str, torch.Tensor]:
+def transformers_tower(seed: int = 3) -> dict[str, torch.Tensor]:
     """A tiny `CLIPTextModel` state dict (`text_model.*`), one block short as SD 2.x's diffusers text_encoder."""
-    from transformers import CLIPTextModel
-
-    with torch.device("meta"):
-        model = CLIPTextModel(clip_text_config(TINY_H, blocks))
-    generator = torch.Generator().manual_seed(seed)
-    names = {("text_model." + k.removeprefix("text_model.")): v.shape for k, v in model.state_dict().items()
-             if not k.endswith("position_ids")}
-    return {name: _random(shape, generator) for name, shape in names.items()}
+    last = f"encoder.layers.{TINY_H.layers - 1}."
+    return {"text_model." + name.removeprefix("text_model."): tensor.contiguous()
+            for name, tensor in tiny_text_model(seed=seed).state_dict().items()
+            if last not in name and not name.endswith("position_ids")}
 
 
 @cache
