@@ -191,6 +191,8 @@ def _mirror_plan(repo: str, folder: Path, endpoint: str) -> Plan:
 
 def _read_range(url: str, begin: int, end: int) -> bytes:
     with _open(url, begin, end) as response:
+        if response.status != 206:  # the whole file would follow (3.9 GB for LAION's)
+            raise DownloadError(f"{url}: the server does not answer range requests")
         data = response.read()
     if len(data) != end - begin:
         raise DownloadError(f"{url}: got {len(data)} bytes for the range {begin}-{end - 1}")
@@ -250,6 +252,8 @@ def text_encoder_plan(models_dir: Path, endpoint: str | None = None) -> tuple[Pl
 
 
 def _describe_error(error: Exception) -> str:
+    if isinstance(error, OMSError):
+        return str(error)
     hub = sys.modules.get("huggingface_hub.utils")
     if hub is not None and isinstance(error, hub.RepositoryNotFoundError):
         return "repository not found"
