@@ -26,6 +26,8 @@ SMOKE = {
     "test_bad_argument_is_an_error_response_naming_the_field[cfg-not-a-number]",
     "test_server_still_generates_after_an_error",
     "test_failed_loads_release_what_they_read",
+    "test_an_error_while_sampling_stops_the_generation",
+    "test_refused_arguments_answer_422_without_a_traceback",
 }
 # Added for Forge and reForge, whose X/Y/Z script is their own copy.
 XYZ = {

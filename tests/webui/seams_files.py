@@ -1,5 +1,5 @@
-"""Files the real-WebUI seam tests (test_webui_seams.py) need beside the harness's usual ones; run once per built
-WebUI before starting it:
+"""Files the real-WebUI seam tests (test_webui_seams.py) need beside the harness's usual ones. The harness
+(tests/webui/harness/run.py) writes them for each WebUI it starts; for a WebUI set up by hand, run once before starting:
 
     python tests/webui/seams_files.py --webui <webui folder> --checkpoint <the SD1 checkpoint the server loads>
 

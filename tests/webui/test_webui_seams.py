@@ -107,7 +107,7 @@ def test_a_prompt_longer_than_the_encoder_reads_is_said_once(generate, console):
 def test_a_cell_of_an_oms_axis_turns_oms_on(generate, script_info, oms_on):
     """The accordion is unticked ([False]); the [OMS] CFG axis alone turns OMS on in its cells."""
     body = api.payload([False], script_name=XYZ_SCRIPT,
-                       script_args=xyz_script_args(xyz_axis_index(script_info, api.AXIS_CFG), "1, 3"))
+                       script_args=xyz_script_args(script_info, xyz_axis_index(script_info, api.AXIS_CFG), "1, 3"))
     plot = generate(body)
     cells = [api.parse_infotext(text) for text in plot.infotexts[1:]]
     assert [(p["OMS"], float(p["OMS CFG"])) for p in cells] == [("True", 1.0), ("True", 3.0)]
@@ -121,7 +121,7 @@ def test_a_cell_of_an_oms_axis_turns_oms_on(generate, script_info, oms_on):
 ])
 def test_a_bad_xyz_value_gets_the_extensions_message(script_info, axis, values, dropdown, named):
     body = api.payload({"enabled": True}, script_name=XYZ_SCRIPT,
-                       script_args=xyz_script_args(xyz_axis_index(script_info, axis), values, dropdown))
+                       script_args=xyz_script_args(script_info, xyz_axis_index(script_info, axis), values, dropdown))
     reply = refused(body)
     assert named in reply.text and api.SCRIPT_TITLE in reply.text, reply.text[:1000]
 

@@ -16,25 +16,25 @@ def xyz_axis_index(script_info, label: str) -> int:
     return x_type["choices"].index(label)
 
 
-def xyz_script_args(x_type: int, x_values: str = "", x_dropdown: list | None = None, y_type: int = 0,
+# Values for the plot's own options (by label): cells returned beside the grid, no legend, fixed seeds.
+XYZ_OPTIONS = {"Draw legend": False, "Include Sub Images": True, "Include Sub Grids": False, "Keep -1 for seeds": False,
+               "Vary seeds for X": False, "Vary seeds for Y": False, "Vary seeds for Z": False}
+
+
+def xyz_script_args(script_info, x_type: int, x_values: str = "", x_dropdown: list | None = None, y_type: int = 0,
                     y_values: str = "") -> list:
-    """The plot's 18 positional args: X, optionally Y (Z "Nothing"), no legend, the cells returned beside the grid."""
-    return [x_type, x_values, x_dropdown or [],
-            y_type, y_values, [],
-            0, "", [],
-            False,  # draw_legend
-            True,  # include_lone_images
-            False,  # include_sub_grids
-            False,  # no_fixed_seeds
-            False, False, False,  # vary_seeds_x/y/z
-            0,  # margin_size
-            False]  # csv_mode
+    """The plot's positional args: X, optionally Y (Z "Nothing"), then its options at XYZ_OPTIONS or their defaults.
+    Built from the plot's own argument list, whose length differs (A1111 1.10: 19, reForge: 21: more grid options)."""
+    entry = next(s for s in script_info if s["name"] == XYZ_SCRIPT and not s["is_img2img"])
+    args = [x_type, x_values, x_dropdown or [], y_type, y_values, [], 0, "", []]
+    return args + [XYZ_OPTIONS.get(arg["label"], arg.get("value")) for arg in entry["args"][len(args):]]
 
 
-def xyz_cells(generate, oms_args, x_type: int, x_values: str = "", x_dropdown=None, y_type: int = 0,
-              y_values: str = "") -> api.Generation:
+def xyz_cells(generate, script_info, oms_args, x_axis: str, x_values: str = "", x_dropdown=None,
+              y_axis: str | None = None, y_values: str = "") -> api.Generation:
     """The plot's reply: ``all_images`` / ``infotexts`` hold the grid, then the cells (x fastest, then y)."""
-    args = xyz_script_args(x_type, x_values, x_dropdown, y_type, y_values)
+    y_type = xyz_axis_index(script_info, y_axis) if y_axis else 0
+    args = xyz_script_args(script_info, xyz_axis_index(script_info, x_axis), x_values, x_dropdown, y_type, y_values)
     return generate(api.payload(oms_args, script_name=XYZ_SCRIPT, script_args=args))
 
 
@@ -44,7 +44,7 @@ def test_oms_axes_are_offered(script_info):
 
 
 def test_xyz_plot_over_oms_cfg(generate, script_info, oms_on):
-    plot = xyz_cells(generate, {"enabled": True}, xyz_axis_index(script_info, api.AXIS_CFG), "1, 3")
+    plot = xyz_cells(generate, script_info, {"enabled": True}, api.AXIS_CFG, "1, 3")
     assert len(plot.all_images) == 3, "expected the grid and two cells"
     cells = plot.all_images[1:]
     cell_params = [api.parse_infotext(text) for text in plot.infotexts[1:]]
@@ -58,7 +58,7 @@ def test_xyz_plot_over_oms_cfg(generate, script_info, oms_on):
 
 def test_xyz_plot_over_oms_enabled(generate, script_info, baseline, oms_on):
     """The Enabled axis turns OMS on and off per cell, whatever the script's own checkbox says."""
-    plot = xyz_cells(generate, [False], xyz_axis_index(script_info, api.AXIS_ENABLED), x_dropdown=["False", "True"])
+    plot = xyz_cells(generate, script_info, [False], api.AXIS_ENABLED, x_dropdown=["False", "True"])
     off_cell, on_cell = plot.all_images[1:]
     assert api.same_pixels(off_cell, baseline.images[0])
     assert api.same_pixels(on_cell, oms_on.images[0])
@@ -71,7 +71,7 @@ def test_xyz_off_cell_after_an_on_cell_carries_no_oms_infotext(generate, script_
     not show the on cell's OMS keys (here with an OMS prompt, so that key is written too), and is the image made
     without OMS."""
     oms_args = {"enabled": True, "prompt": "night"}
-    plot = xyz_cells(generate, oms_args, xyz_axis_index(script_info, api.AXIS_ENABLED), x_dropdown=["True", "False"])
+    plot = xyz_cells(generate, script_info, oms_args, api.AXIS_ENABLED, x_dropdown=["True", "False"])
     on_cell, off_cell = plot.all_images[1:]
     on_params, off_params = (api.parse_infotext(text) for text in plot.infotexts[1:])
     assert on_params["OMS"] == "True" and on_params["OMS prompt"] == "night"
@@ -83,8 +83,8 @@ def test_xyz_off_cell_after_an_on_cell_carries_no_oms_infotext(generate, script_
 def test_xyz_enabled_by_cfg_cells_describe_themselves(generate, script_info, baseline, oms_on):
     """X = Enabled (False, True) × Y = OMS CFG (1, 2): off cells, made after on cells of the row before, have no OMS
     keys and are the baseline image; on cells say their own CFG and are the images made with it directly."""
-    plot = xyz_cells(generate, [False], xyz_axis_index(script_info, api.AXIS_ENABLED), x_dropdown=["False", "True"],
-                     y_type=xyz_axis_index(script_info, api.AXIS_CFG), y_values="1, 2")
+    plot = xyz_cells(generate, script_info, [False], api.AXIS_ENABLED, x_dropdown=["False", "True"],
+                     y_axis=api.AXIS_CFG, y_values="1, 2")
     assert len(plot.all_images) == 5, "expected the grid and four cells"
     direct = {1.0: oms_on, 2.0: generate(api.payload(api.positional_args(enabled=True, cfg=2.0)))}
     for iy, cfg in enumerate((1.0, 2.0)):
@@ -98,7 +98,7 @@ def test_xyz_enabled_by_cfg_cells_describe_themselves(generate, script_info, bas
 
 def test_xyz_rejects_a_bad_cfg_value_before_generating(script_info, server):
     body = api.payload({"enabled": True}, script_name=XYZ_SCRIPT,
-                       script_args=xyz_script_args(xyz_axis_index(script_info, api.AXIS_CFG), "1, 99"))
+                       script_args=xyz_script_args(script_info, xyz_axis_index(script_info, api.AXIS_CFG), "1, 99"))
     reply = api.request("POST", "/sdapi/v1/txt2img", body)
     assert reply.status >= 400 and "cfg" in reply.text.lower(), reply.text[:1000]
 

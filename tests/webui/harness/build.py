@@ -99,7 +99,8 @@ def requirements(env: PythonEnv, work: Path) -> list[str]:
         line = raw.split(" #")[0].strip()
         if not line or line.startswith("#"):
             continue
-        name = requirement_name(line.rsplit("/", 1)[-1]) if "://" in line else requirement_name(line)
+        # a wheel named by URL (reForge's pydantic): its file name starts with the distribution name
+        name = line.rsplit("/", 1)[-1].split("-")[0].lower() if "://" in line else requirement_name(line)
         lines.append(env.replace.get(name, line))
     overridden = {requirement_name(x) for x in env.extra}
     return [x for x in lines if requirement_name(x) not in overridden] + list(env.extra)

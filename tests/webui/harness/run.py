@@ -30,6 +30,9 @@ from build import REPO, build_env, build_webui, disk_usage, env_dir, log  # noqa
 from matrix import WEBUIS  # noqa: E402
 from server import Server  # noqa: E402
 
+sys.path.insert(0, str(REPO / "tests" / "webui"))
+import seams_files  # noqa: E402
+
 CHECKPOINT_WEBUI = "a1111-1.10.1"  # whose ldm and v1-inference.yaml make the shared checkpoint
 OLDEST_UNIT_ENV = "oldest-unit"
 
@@ -72,26 +75,27 @@ def test_webui(name: str, work: Path, checkpoint: Path, hf_home: Path, oms: Path
     webui = WEBUIS[name]
     result = {"webui": name}
     started = time.monotonic()
-    folder, python = build_webui(work, webui)
-    link_models(folder, oms)
-    result["build_s"] = time.monotonic() - started
-    logs = work / "logs"
-    logs.mkdir(exist_ok=True)
-    flags = (*webui.flags, "--oms-models-dir", str(extra_oms))
-    server = Server(folder, python, flags, checkpoint, hf_home, logs / f"{name}.log", webui.options)
+    server = None
     try:
+        folder, python = build_webui(work, webui)
+        link_models(folder, oms)
+        seams_files.write(folder, checkpoint)
+        result["build_s"] = time.monotonic() - started
+        flags = (*webui.flags, "--oms-models-dir", str(extra_oms))
+        server = Server(folder, python, flags, checkpoint, hf_home, work / "logs" / f"{name}.log", webui.options)
         result["start_s"] = server.start()
         env = {**os.environ, "SD_WEBUI_URL": server.url, "SD_WEBUI_NAME": name,
                "SD_WEBUI_OMS_EXTRA_MODULE": EXTRA_MODULE_NAME, "SD_WEBUI_LOG": str(server.log_path)}
-        junit = logs / f"{name}.junit.xml"
+        junit = work / "logs" / f"{name}.junit.xml"
         code, result["tests_s"] = run_pytest(REPO / ".venv" / "bin" / "python",
                                              ["tests/webui", *webui.pytest_args, *extra_pytest], env, junit)
         result.update(pytest_counts(junit), exit_code=code)
-    except Exception as error:  # a WebUI that does not start fails its row; the others still run
+    except Exception as error:  # a WebUI that does not build or start fails its row; the others still run
         log(f"{name}: {error}")
         result.update(exit_code=1, error=str(error)[:2000])
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
     return result
 
 
