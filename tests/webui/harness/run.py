@@ -111,7 +111,7 @@ def test_oldest_unit(work: Path) -> dict:
 
 
 def gib(n_bytes: int) -> str:
-    return f"{n_bytes / 2**30:.1f}"
+    return f"{n_bytes / 2**30:.2f}"
 
 
 def report(results: list[dict], work: Path, total_s: float) -> None:
