@@ -285,6 +285,10 @@ def parse_args(argv=None):
         parser.error("--webui and --python are required")
     if args.webui is not None and not (args.webui / SDXL_CONFIG).is_file():
         parser.error(f"{args.webui} is not a built A1111 1.10.1 folder: {SDXL_CONFIG} is missing")
+    # absolute (the server runs in the WebUI's folder), without resolving links (a venv's python is one)
+    for name in ("webui", "python", "work", "text_encoder", "out"):
+        if getattr(args, name, None) is not None:
+            setattr(args, name, type(getattr(args, name))(os.path.abspath(getattr(args, name))))
     return args
 
 
