@@ -253,8 +253,11 @@ def end_to_end(args) -> dict:
                                    env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         summary["server_ready_seconds"] = wait_until_ready(url, process)
+        # SDXL's live-preview approximation is downloaded on first use: no previews offline
+        options = {"live_previews_enable": False}
         if args.text_encoder:
-            call(url, "/sdapi/v1/options", {"oms_text_encoder_path": str(args.text_encoder)})
+            options["oms_text_encoder_path"] = str(args.text_encoder)
+        call(url, "/sdapi/v1/options", options)
         summary["requests"] = run_requests(url)
         summary["server_peak_rss_gib"] = peak_rss_gib(process.pid)
     finally:
