@@ -1,13 +1,13 @@
 """Builds the real WebUIs from ../shared/webui/, starts each offline and runs tests/webui against it.
 
-    .venv/bin/python tests/webui/harness/run.py [--only a1111-1.10.1,forge] [--work .webuis] [--no-oldest-unit]
+    .venv/bin/python tests/webui/harness/run.py [--only a1111-1.10.1,forge] [--work test-webuis] [--no-oldest-unit]
 
 Run with the repository's test environment (.venv, made by the README's test command). For each WebUI of the matrix
 (matrix.py) it unpacks the archive and the helper repositories its launcher would clone, builds its layered Python
 environment from the registry, links this checkout in as the extension, starts the server on 127.0.0.1 with a random
 SD 1.5 checkpoint and random OMS files (assets.py), runs its share of tests/webui, and stops it; then it runs the
 unit suite on the oldest supported stack (A1111 1.6.0's torch 2.0.1). Prints minutes, disk and test counts per WebUI;
-exits non-zero if anything failed. Everything goes to the work folder (default .webuis/ in the checkout, ignored by
+exits non-zero if anything failed. Everything goes to the work folder (default test-webuis/ in the checkout, ignored by
 git); a second run reuses what is already built.
 """
 
@@ -33,6 +33,8 @@ from server import Server  # noqa: E402
 sys.path.insert(0, str(REPO / "tests" / "webui"))
 import seams_files  # noqa: E402
 
+# Not a hidden folder: the WebUIs' gradio refuses to serve files (their own JavaScript too) under a ".name" folder.
+WORK_FOLDER = "test-webuis"
 CHECKPOINT_WEBUI = "a1111-1.10.1"  # whose ldm and v1-inference.yaml make the shared checkpoint
 OLDEST_UNIT_ENV = "oldest-unit"
 
@@ -135,7 +137,7 @@ def report(results: list[dict], work: Path, total_s: float) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=Path(os.environ.get("OMS_WEBUI_WORK", REPO / ".webuis")))
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("OMS_WEBUI_WORK", REPO / WORK_FOLDER)))
     parser.add_argument("--only", default=",".join(WEBUIS), help="comma-separated WebUIs (default: all): "
                         + ", ".join(WEBUIS))
     parser.add_argument("--no-oldest-unit", action="store_true", help="skip the unit suite on the oldest stack")
