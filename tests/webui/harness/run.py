@@ -17,6 +17,7 @@ already built.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -113,12 +114,30 @@ def test_webui(name: str, work: Path, checkpoint: Path, hf_home: Path, oms: Path
     return result
 
 
+@contextlib.contextmanager
+def oms_settings_unset(folder: Path):
+    """The WebUI's config.json without the extension's settings while in the block, as before its first start (a text
+    encoder path that another run set would be used instead of a download); put back as it was afterwards."""
+    config = folder / "config.json"
+    saved = config.read_text() if config.is_file() else None
+    if saved is not None:
+        settings = {key: value for key, value in json.loads(saved).items() if not key.startswith("oms_")}
+        config.write_text(json.dumps(settings, indent=4))
+    try:
+        yield
+    finally:
+        if saved is None:
+            config.unlink(missing_ok=True)
+        else:
+            config.write_text(saved)
+
+
 def test_first_use(work: Path, checkpoint: Path, hf_home: Path, oms: Path, extra_pytest: list[str]) -> dict:
     """A1111 1.10.1 started again as on a user's first day: models/oms linked to an empty folder, no --oms-models-dir,
-    a fake hub serving the SD module and the first text-encoder mirror (assets.first_use_repos) as HF_ENDPOINT, and
-    HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE unset (huggingface_hub, and so the extension, reads either as offline).
-    The hub writes every request to logs/first-use-hub.jsonl for the tests. models/oms points back to the usual
-    files afterwards."""
+    no OMS setting, a fake hub serving the SD module and the first text-encoder mirror (assets.first_use_repos) as
+    HF_ENDPOINT, and HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE unset (huggingface_hub, and so the extension, reads
+    either as offline). The hub writes every request to logs/first-use-hub.jsonl for the tests. models/oms and the
+    settings are put back afterwards."""
     webui = WEBUIS[FIRST_USE_WEBUI]
     result = {"webui": f"{FIRST_USE_WEBUI} first use", "of": FIRST_USE_WEBUI}
     started = time.monotonic()
@@ -132,7 +151,7 @@ def test_first_use(work: Path, checkpoint: Path, hf_home: Path, oms: Path, extra
         link_models(folder, empty)
         hub_log = work / "logs" / "first-use-hub.jsonl"
         hub_log.unlink(missing_ok=True)
-        with FakeHub(log_path=hub_log) as hub:
+        with FakeHub(log_path=hub_log) as hub, oms_settings_unset(folder):
             for repo, files in first_use_repos(oms).items():
                 hub.add(repo, files)
             result["build_s"] = time.monotonic() - started
