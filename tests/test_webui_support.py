@@ -73,12 +73,15 @@ def test_streamed_checkpoint_is_a_safetensors_file_with_every_tensor(tmp_path):
     assert 0.3 < loaded["proj.weight"].float().std() * 3 ** 0.5 < 3  # ~ N(0, 1/fan_in)
 
 
-def test_sdxl_end_to_end_arguments(tmp_path):
+def test_sdxl_end_to_end_arguments(tmp_path, monkeypatch):
     webui = tmp_path / "webui"
     (webui / sdxl_end_to_end.SDXL_CONFIG).parent.mkdir(parents=True)
     (webui / sdxl_end_to_end.SDXL_CONFIG).write_text("model: {}")
-    args = sdxl_end_to_end.parse_args(["--webui", str(webui), "--python", "/venv/bin/python", "--port", "7999"])
-    assert (args.command, args.port, args.keep, str(args.work)) == (None, 7999, False, "sdxl_end_to_end")
+    monkeypatch.chdir(tmp_path)
+    args = sdxl_end_to_end.parse_args(["--webui", "webui", "--python", "venv/bin/python", "--port", "7999"])
+    assert (args.command, args.port, args.keep, args.work) == (None, 7999, False, tmp_path / "sdxl_end_to_end")
+    # absolute, since the server runs in the WebUI's folder; a venv's python is a link and is not resolved
+    assert (args.webui, args.python) == (webui, str(tmp_path / "venv" / "bin" / "python"))
     assert sdxl_end_to_end.parse_args(["build", "--webui", str(webui), "--out", "c.safetensors"]).command == "build"
     for bad in (["--webui", str(webui)], ["--webui", str(tmp_path), "--python", "py"]):
         with pytest.raises(SystemExit):

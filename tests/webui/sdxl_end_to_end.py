@@ -253,8 +253,11 @@ def end_to_end(args) -> dict:
                                    env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         summary["server_ready_seconds"] = wait_until_ready(url, process)
+        # SDXL's live-preview approximation is downloaded on first use: no previews offline
+        options = {"live_previews_enable": False}
         if args.text_encoder:
-            call(url, "/sdapi/v1/options", {"oms_text_encoder_path": str(args.text_encoder)})
+            options["oms_text_encoder_path"] = str(args.text_encoder)
+        call(url, "/sdapi/v1/options", options)
         summary["requests"] = run_requests(url)
         summary["server_peak_rss_gib"] = peak_rss_gib(process.pid)
     finally:
@@ -285,6 +288,10 @@ def parse_args(argv=None):
         parser.error("--webui and --python are required")
     if args.webui is not None and not (args.webui / SDXL_CONFIG).is_file():
         parser.error(f"{args.webui} is not a built A1111 1.10.1 folder: {SDXL_CONFIG} is missing")
+    # absolute (the server runs in the WebUI's folder), without resolving links (a venv's python is one)
+    for name in ("webui", "python", "work", "text_encoder", "out"):
+        if getattr(args, name, None) is not None:
+            setattr(args, name, type(getattr(args, name))(os.path.abspath(getattr(args, name))))
     return args
 
 
