@@ -13,7 +13,8 @@ What the hub clients (huggingface_hub 0.25 … 2.x: ``hf_hub_download``, ``snaps
 - 404 with ``X-Error-Code`` ``RepoNotFound`` / ``RevisionNotFound`` / ``EntryNotFound``.
 
 Faults, each used once then gone: ``cut`` (send N bytes of a file's content, then drop the connection), ``corrupt``
-(serve content whose last byte differs from the advertised hash) and ``busy`` (503). Every request is logged.
+(serve content whose last byte differs from the advertised hash) and ``busy`` (503). Every request is logged in
+``requests`` and, when ``log_path`` is set, as a JSON line in that file (for a test in another process).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import hashlib
 import json
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 POINTER_SIZE = 134  # bytes of a git-lfs pointer file
@@ -66,6 +68,19 @@ class Request:
     user_agent: str = ""
 
 
+def content_requests(requests: list[Request], path_end: str = "") -> list[Request]:
+    """GETs of file contents (resolve of small files, CDN of LFS files) whose path ends with ``path_end``."""
+    return [r for r in requests if r.method == "GET" and not r.path.startswith("/api/") and r.path.endswith(path_end)]
+
+
+def read_request_log(path: Path) -> list[Request]:
+    """The requests a FakeHub with ``log_path`` has written so far."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [Request(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
 @dataclass
 class FakeHub:
     repos: dict[str, Repo] = field(default_factory=dict)
@@ -75,15 +90,21 @@ class FakeHub:
     busy: set[tuple[str, str]] = field(default_factory=set)  # answer 503 (try again later) once
     url: str = ""
     cdn_url: str = ""  # the same server under another host name, as the real CDN is another host
+    log_path: Path | None = None
+    _log_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, repo_id: str, files: dict[str, bytes]) -> Repo:
         self.repos[repo_id] = Repo(dict(files))
         return self.repos[repo_id]
 
     def content_requests(self, path_end: str = "") -> list[Request]:
-        """GETs of file contents (resolve of small files, CDN of LFS files) whose path ends with ``path_end``."""
-        return [r for r in self.requests if r.method == "GET" and not r.path.startswith("/api/")
-                and r.path.endswith(path_end)]
+        return content_requests(self.requests, path_end)
+
+    def record(self, request: Request) -> None:
+        self.requests.append(request)
+        if self.log_path is not None:
+            with self._log_lock, open(self.log_path, "a") as log:
+                log.write(json.dumps(asdict(request)) + "\n")
 
     def __enter__(self) -> FakeHub:
         hub = self
@@ -130,8 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, body: bool) -> None:
         split = urlsplit(self.path)
         path, query = unquote(split.path), parse_qs(split.query)
-        self.hub.requests.append(Request(self.command, path, self.headers.get("Range"),
-                                         self.headers.get("User-Agent", "")))
+        self.hub.record(Request(self.command, path, self.headers.get("Range"), self.headers.get("User-Agent", "")))
         if match := _MODEL_API.match(path):
             return self._model_info(match[1], match[2] or "main", query.get("blobs", [""])[0].lower() == "true", body)
         if match := _TREE_API.match(path):

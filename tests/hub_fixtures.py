@@ -23,16 +23,22 @@ def _folder_files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@cache
-def module_repo(latent_space: str) -> dict[str, bytes]:
-    """A released-layout module (fp16 and fp32 weights, pointer folders) named as the real repository."""
-    config = tiny_unet_config()
+def released_module_files(latent_space: str, config: dict, seed: int, text_encoder: str | None) -> dict[str, bytes]:
+    """The files of the released module repository of ``latent_space`` (fp16 and fp32 weights, pointer folders,
+    README) with random weights of ``config``; ``text_encoder`` goes into model_index.json (None: left out, as
+    released, so the width of the network tells it)."""
     name = MODULE_REPOS[latent_space].split("/")[1]
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_released_folder(Path(tmp), name, config, random_state_dict(config, seed=len(latent_space)),
-                                       text_encoder="openclip-h", both_precisions=True)
+        folder = write_released_folder(Path(tmp), name, config, random_state_dict(config, seed=seed),
+                                       text_encoder=text_encoder, both_precisions=True)
         files = _folder_files(folder)
     return {**files, "README.md": b"# OMS\n"}
+
+
+@cache
+def module_repo(latent_space: str) -> dict[str, bytes]:
+    """A tiny released-layout module named as the real repository."""
+    return released_module_files(latent_space, tiny_unet_config(), seed=len(latent_space), text_encoder="openclip-h")
 
 
 def _random(shape, generator) -> torch.Tensor:
@@ -48,20 +54,28 @@ def transformers_tower(seed: int = 3) -> dict[str, torch.Tensor]:
             if last not in name and not name.endswith("position_ids")}
 
 
-@cache
-def text_encoder_mirror() -> dict[str, bytes]:
-    """An SD 2.x diffusers repository: the text encoder in fp16 and fp32, a pickle, and other components."""
-    tower = transformers_tower()
+def diffusers_mirror(text_encoder: dict[str, bytes]) -> dict[str, bytes]:
+    """An SD 2.x diffusers repository around ``text_encoder`` (its files by name in text_encoder/): beside it a
+    pickle, other components and the pipeline's index, which the downloader must leave alone."""
     return {
         "model_index.json": b'{"_class_name": "StableDiffusionPipeline"}',
-        "text_encoder/config.json": json.dumps({"architectures": ["CLIPTextModel"], "hidden_size": TINY_H.width,
-                                                "num_hidden_layers": TINY_H.layers - 1}).encode(),
-        "text_encoder/model.fp16.safetensors": save({k: v.half() for k, v in tower.items()}),
-        "text_encoder/model.safetensors": save(tower),
+        **{f"text_encoder/{name}": data for name, data in text_encoder.items()},
         "text_encoder/pytorch_model.bin": b"a pickle: never fetched",
         "unet/diffusion_pytorch_model.fp16.safetensors": save({"conv_in.weight": torch.ones(4, 4)}),
         "tokenizer/vocab.json": b"{}",
     }
+
+
+@cache
+def text_encoder_mirror() -> dict[str, bytes]:
+    """The SD 2.x mirror with a tiny text encoder in fp16 and fp32."""
+    tower = transformers_tower()
+    return diffusers_mirror({
+        "config.json": json.dumps({"architectures": ["CLIPTextModel"], "hidden_size": TINY_H.width,
+                                   "num_hidden_layers": TINY_H.layers - 1}).encode(),
+        "model.fp16.safetensors": save({k: v.half() for k, v in tower.items()}),
+        "model.safetensors": save(tower),
+    })
 
 
 @cache

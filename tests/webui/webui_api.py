@@ -142,7 +142,11 @@ def decode(image_b64: str) -> np.ndarray:
 
 def generate(mode: str, body: dict) -> Generation:
     """POST /sdapi/v1/<mode> ("txt2img" or "img2img"), asserting success."""
-    reply = request("POST", f"/sdapi/v1/{mode}", body)
+    return generation(mode, request("POST", f"/sdapi/v1/{mode}", body))
+
+
+def generation(mode: str, reply: Reply) -> Generation:
+    """The images and info of a txt2img/img2img reply, asserting success."""
     assert reply.status == 200, f"{mode} failed with HTTP {reply.status}: {reply.text[:2000]}"
     info = json.loads(reply.body["info"])
     images = [decode(b64) for b64 in reply.body["images"]]

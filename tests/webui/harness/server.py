@@ -26,7 +26,8 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, folder: Path, python: Path, flags: tuple[str, ...], checkpoint: Path, hf_home: Path,
-                 log_path: Path, options: dict):
+                 log_path: Path, options: dict, env_changes: dict[str, str | None] | None = None):
+        """``env_changes``: variables set (a string) or removed (None) after the offline defaults."""
         self.folder, self.python, self.log_path = folder, python, log_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -36,6 +37,11 @@ class Server:
                     "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
         for key in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):
             self.env.pop(key, None)
+        for key, value in (env_changes or {}).items():
+            if value is None:
+                self.env.pop(key, None)
+            else:
+                self.env[key] = value
         if options:
             config = folder / "config.json"
             current = json.loads(config.read_text()) if config.is_file() else {}
