@@ -139,7 +139,7 @@ def test_first_use(work: Path, checkpoint: Path, hf_home: Path, oms: Path, extra
     no OMS setting, a fake hub serving the SD module and the first text-encoder mirror (assets.first_use_repos) as
     HF_ENDPOINT, and HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE unset (huggingface_hub, and so the extension, reads
     either as offline). The hub writes every request to logs/first-use-hub.jsonl for the tests. models/oms and the
-    settings are put back afterwards."""
+    settings are put back afterwards, and the downloaded files removed when the phase passed."""
     webui = WEBUIS[FIRST_USE_WEBUI]
     result = {"webui": f"{FIRST_USE_WEBUI} first use", "of": FIRST_USE_WEBUI}
     started = time.monotonic()
@@ -168,6 +168,8 @@ def test_first_use(work: Path, checkpoint: Path, hf_home: Path, oms: Path, extra
     finally:
         if folder is not None:
             link_models(folder, oms)
+    if result.get("exit_code") == 0:  # the downloaded copies (0.7 GB) are kept only to look into a failure
+        shutil.rmtree(work / "first-use")
     result["phase_s"] = time.monotonic() - started
     log(f"{result['webui']}: {result['phase_s']:.0f} s in all")
     return result
