@@ -232,8 +232,9 @@ def main() -> int:
     oms, extra_oms = make_oms_folders(assets)
     folder, python = build_webui(work, WEBUIS[CHECKPOINT_WEBUI])
     checkpoint = make_checkpoint(assets, python, folder, hf_home)
-
-    results = []
+    # the shared set-up: random files, A1111 1.10.1's tree and environment, the checkpoint made with its ldm
+    results = [{"webui": "set-up (shared files, A1111 1.10.1 build)", "of": CHECKPOINT_WEBUI, "exit_code": 0,
+                "build_s": time.monotonic() - started}]
     for name in [] if args.first_use_only else names:
         results.append(test_webui(name, work, checkpoint, hf_home, oms, extra_oms, args.pytest_args))
         if name == FIRST_USE_WEBUI:
