@@ -248,6 +248,8 @@ def end_to_end(args) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
            "PYTHONUNBUFFERED": "1"}
     url = f"http://127.0.0.1:{args.port}"
+    settings = args.webui / "config.json"  # the options this run sets are saved there: put back afterwards
+    saved = settings.read_bytes() if settings.is_file() else None
     with open(work / "server.log", "w") as log:
         process = subprocess.Popen(server_command(args.python, checkpoint, args.port, work / "oms"), cwd=args.webui,
                                    env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -263,6 +265,10 @@ def end_to_end(args) -> dict:
     finally:
         process.terminate()
         process.wait(timeout=120)
+        if saved is None:
+            settings.unlink(missing_ok=True)
+        else:
+            settings.write_bytes(saved)
     if not args.keep:
         checkpoint.unlink()
     return summary
