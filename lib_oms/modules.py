@@ -276,11 +276,16 @@ def _describe(name: str, sources: list[tuple[dict, Path]], width: int) -> tuple[
 _HASHES: dict[tuple[str, int, int], str] = {}
 
 
-def short_hash(path: Path) -> str:
-    """First 10 hex characters of the file's SHA-256, computed once per (path, mtime, size)."""
+def file_version(path) -> tuple[str, int, int]:
+    """(resolved path, mtime, size): what tells one version of a file from another, as cache keys use it."""
     path = Path(path)
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
+def short_hash(path: Path) -> str:
+    """First 10 hex characters of the file's SHA-256, computed once per file version (path, mtime, size)."""
+    key = file_version(path)
     if key not in _HASHES:
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
@@ -525,7 +530,7 @@ def _signature(path: Path) -> tuple:
     for folder in (path, path / COMPONENT, path.parent / COMPONENT if path.name == COMPONENT else None):
         if folder is not None and folder.is_dir():
             files += sorted(folder.iterdir())
-    return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
+    return tuple(file_version(f) for f in files if f.is_file())
 
 
 class ModuleCache:

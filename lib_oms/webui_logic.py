@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModuleFileError, ModuleMissingError, TextEncoderError, TextEncoderMissingError
+from .modules import file_version
 from .step import SamplerStart, sigma_from_alpha_bar
 from .text_encoders import OPENCLIP_VIT_H14, holds_text_tower
 from .webui_args import AUTOMATIC
@@ -260,8 +261,7 @@ def sd2_checkpoints(checkpoints: Sequence[Path]) -> list[Path]:
     for path in map(Path, checkpoints):
         if path.suffix != ".safetensors" or not path.is_file():
             continue
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        key = file_version(path)
         if key not in _SD2_CHECKPOINT:
             _SD2_CHECKPOINT[key] = holds_text_tower(path, OPENCLIP_VIT_H14)
         if _SD2_CHECKPOINT[key]:

@@ -287,11 +287,9 @@ def checkpoint_text_weights(sd_model, kind: str):
 
 
 def checkpoint_identity(sd_model) -> tuple:
-    """What tells one checkpoint's weights from another's: its file, and the file's size and time."""
+    """What tells one checkpoint's weights from another's: its file's version (path, time, size)."""
     filename = getattr(getattr(sd_model, "sd_checkpoint_info", None), "filename", "") or ""
-    path = Path(filename)
-    stat = path.stat() if filename and path.is_file() else None
-    return (filename, stat.st_size, stat.st_mtime_ns) if stat else (filename,)
+    return oms_modules.file_version(filename) if filename and Path(filename).is_file() else (filename,)
 
 
 def load_encoder(kind: str, source: EncoderSource, sd_model, home, dtype) -> text_encoders.PromptEmbeddingCache:
