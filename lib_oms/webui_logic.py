@@ -161,18 +161,25 @@ RELEASED_MODULES = {
 }
 
 
+def named_module(name: str, entries: Sequence, searched: Sequence[Path]):
+    """The module entry called ``name``; ModuleFileError saying where it was looked for when there is none."""
+    for entry in entries:
+        if entry.name == name:
+            return entry
+    where = ", ".join(str(path) for path in searched)
+    raise ModuleFileError(f"OMS module {name!r} was not found in {where}: put it there and press the refresh button, "
+                          "or choose 'Automatic'")
+
+
 def choose_module(choice: str, entries: Sequence, latent_space: str, default_name: str,
                   latent_space_of: Callable[[object], str], searched: Sequence[Path]):
     """The module entry to use: the one named, or for "Automatic" the default set for this latent space, else the
     first found module of this latent space. Raises ModuleFileError (ModuleMissingError when "Automatic" finds no
     module of this latent space, which a download can fix) saying what to download and where."""
+    if choice != AUTOMATIC:
+        return named_module(choice, entries, searched)
     where = ", ".join(str(path) for path in searched)
     by_name = {entry.name: entry for entry in entries}
-    if choice != AUTOMATIC:
-        if choice not in by_name:
-            raise ModuleFileError(f"OMS module {choice!r} was not found in {where}: put it there and press the refresh "
-                                  "button, or choose 'Automatic'")
-        return by_name[choice]
     if default_name and default_name in by_name and latent_space_of(by_name[default_name]) == latent_space:
         return by_name[default_name]
     for entry in entries:

@@ -23,7 +23,7 @@ from modules import script_callbacks, scripts, shared
 from lib_oms import download, text_encoders
 from lib_oms import modules as oms_modules
 from lib_oms.engine import Z_SEED_OFFSET, oms_start
-from lib_oms.errors import ModuleMissingError, OMSError, TextEncoderMissingError
+from lib_oms.errors import ModuleFileError, ModuleMissingError, OMSError, TextEncoderMissingError
 from lib_oms.step import skip_reason as start_skip_reason
 from lib_oms.webui_args import (
     ARG_BY_NAME,
@@ -60,6 +60,7 @@ from lib_oms.webui_logic import (
     job_skip_reason,
     model_skip_reason,
     module_dtype,
+    named_module,
     offload_after_use,
     resolve_text_encoder,
     txt2img_start,
@@ -674,10 +675,11 @@ def confirm_xyz_values(p, xs, *, arg):
     try:
         for x in xs:
             value = convert(arg, x)
-            if arg.kind == "module" and value != AUTOMATIC and module_name(value) not in module_choices():
-                where = ", ".join(str(path) for path in module_dirs())
-                raise ArgumentError(f"One More Step: argument '{arg.name}' ({arg.label}): no OMS module named "
-                                    f"{module_name(value)!r} in {where}: put it there and press the refresh button")
+            if arg.kind == "module" and value != AUTOMATIC:
+                try:
+                    named_module(module_name(value), module_entries(), module_dirs())
+                except ModuleFileError as missing:
+                    raise ArgumentError(f"One More Step: argument '{arg.name}' ({arg.label}): {missing}") from None
     except OMSError as error:
         raise refusal(error) from error
 
