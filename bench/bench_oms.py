@@ -42,7 +42,7 @@ from base_unet import TimedUNet  # noqa: E402
 
 from lib_oms import text_encoders  # noqa: E402
 from lib_oms.engine import oms_start  # noqa: E402
-from lib_oms.modules import load_module, save_module  # noqa: E402
+from lib_oms.module_files import load_module, save_module  # noqa: E402
 from lib_oms.step import SamplerStart  # noqa: E402
 from lib_oms.text_encoders import (  # noqa: E402
     OPENCLIP_PAD_ID,

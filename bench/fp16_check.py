@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_oms import read_config, use_tokenizer  # noqa: E402
 
 from lib_oms.engine import oms_start, predict_v, seeded_unit_noise  # noqa: E402
-from lib_oms.modules import load_module, save_module  # noqa: E402
+from lib_oms.module_files import load_module, save_module  # noqa: E402
 from lib_oms.step import SamplerStart  # noqa: E402
 from lib_oms.text_encoders import OPENCLIP_VIT_H14, clip_text_config, load_openclip_text_encoder  # noqa: E402
 from lib_oms.unet import OMSUNet, normalize_unet_config  # noqa: E402

@@ -3,7 +3,7 @@ step that turns pure noise into the start a Stable Diffusion checkpoint expects.
 
 from .engine import oms_start, seeded_unit_noise
 from .errors import LatentSpaceError, ModuleFileError, OMSError, TextEncoderError
-from .modules import ModuleCache, OMSModule, check_latent_space, find_modules, load_module, save_module
+from .module_files import ModuleCache, OMSModule, check_latent_space, find_modules, load_module, save_module
 from .step import SamplerStart, skip_reason, to_sampler_noise
 from .text_encoders import PromptEmbeddingCache, load_mixclip_text_encoder, load_openclip_text_encoder
 from .unet import OMSUNet

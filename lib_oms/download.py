@@ -423,7 +423,7 @@ def _locked(folder: Path, should_stop: ShouldStop):
 
 def _check_folder(plan: Plan, stage: Path) -> None:
     """The checks a hand-placed folder gets before it is used: safetensors headers, and the module's config."""
-    from .modules import read_safetensors_header
+    from .module_files import read_safetensors_header
     from .text_encoders import holds_text_tower
 
     try:
@@ -433,7 +433,7 @@ def _check_folder(plan: Plan, stage: Path) -> None:
         if (stage / "oms_module").is_dir():
             import torch
 
-            from .modules import load_module
+            from .module_files import load_module
 
             load_module(stage, "cpu", torch.float16)
         elif not holds_text_tower(stage):
@@ -569,7 +569,7 @@ TARGETS = {"sd": ("sd", "text-encoder"), "sdxl": ("sdxl", "text-encoder"), "text
 
 def _local_text_encoder(models_dir: Path) -> Path | None:
     """A text encoder already on disk: in the modules folder or the local Hugging Face cache."""
-    from .webui_logic import cached_text_encoders, huggingface_hub_dir, placed_text_encoders
+    from .sources import cached_text_encoders, huggingface_hub_dir, placed_text_encoders
 
     found = placed_text_encoders("", [models_dir]) + cached_text_encoders(huggingface_hub_dir())
     return found[0] if found else None

@@ -10,7 +10,7 @@ diffusers AutoencoderKL folder, latents × its scaling factor), or precomputed l
 "latents" [N, C, h, w] and a captions .json list or .txt with one caption per line). Checkpoints are safetensors
 (model, flattened AdamW state) plus a JSON of the step and settings: no pickle anywhere. Every random draw of a step
 comes from a generator seeded by (seed, step, rank), so a resumed run continues exactly like an uninterrupted one.
-The module is written with lib_oms.modules.save_module in the released folder layout.
+The module is written with lib_oms.module_files.save_module in the released folder layout.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from .errors import ModuleFileError, OMSError, TextEncoderError
-from .modules import save_module
+from .module_files import save_module
 from .unet import OMSUNet, normalize_unet_config
 
 # Sizes of the paper's family (Appendix D.3). OMS-B's is the released config; S and L follow its pattern of a plain

@@ -1,6 +1,6 @@
 """One More Step (Hu et al., CVPR 2024) in the AUTOMATIC1111 WebUI 1.6–1.10, Forge and reForge.
 
-Thin glue: it reads the WebUI's objects into plain values for ``lib_oms.webui_logic`` / ``lib_oms.webui_args`` and
+Thin glue: it reads the WebUI's objects into plain values for ``oms_webui.logic`` / ``oms_webui.args`` and
 hands the start noise to ``lib_oms.engine.oms_start``. The step is done in a ``p.rng`` wrapper installed by
 ``process_batch``, whose first draw (the start noise) is corrected, on every WebUI: an error raised there stops the
 generation, whereas A1111 ≥ 1.10, Forge and reForge only report errors of ``process_before_every_sampling`` and
@@ -20,12 +20,21 @@ import torch
 from fastapi.exceptions import HTTPException
 from modules import script_callbacks, scripts, shared
 
-from lib_oms import download, text_encoders
-from lib_oms import modules as oms_modules
+from lib_oms import download, module_files, text_encoders
 from lib_oms.engine import Z_SEED_OFFSET, oms_start
 from lib_oms.errors import ModuleFileError, ModuleMissingError, OMSError, TextEncoderMissingError
+from lib_oms.sources import (
+    OPENCLIP_H,
+    PRECISIONS,
+    EncoderSource,
+    choose_module,
+    huggingface_hub_dir,
+    module_dtype,
+    named_module,
+    resolve_text_encoder,
+)
 from lib_oms.step import skip_reason as start_skip_reason
-from lib_oms.webui_args import (
+from oms_webui.args import (
     ARG_BY_NAME,
     ARGS,
     AUTOMATIC,
@@ -45,24 +54,16 @@ from lib_oms.webui_args import (
     parse_script_args,
     paste_value,
 )
-from lib_oms.webui_logic import (
+from oms_webui.logic import (
     K_DIFFUSION,
     LATENT_SPACE_OF_FAMILY,
-    OPENCLIP_H,
-    PRECISIONS,
     TIMESTEP,
-    EncoderSource,
     Job,
-    choose_module,
-    huggingface_hub_dir,
     img2img_start,
     inpaint_noise,
     job_skip_reason,
     model_skip_reason,
-    module_dtype,
-    named_module,
     offload_after_use,
-    resolve_text_encoder,
     txt2img_start,
     untouched_passes,
     unwrap_hijacked_keys,
@@ -75,7 +76,7 @@ AXIS_PREFIX = "[OMS]"
 
 # Neither cache is dropped when a model loads: modules and file-based text encoders do not depend on the checkpoint
 # (the SDXL refiner reloads two models every generation), and an encoder read from a checkpoint is kept under it.
-MODULE_CACHE = oms_modules.ModuleCache()
+MODULE_CACHE = module_files.ModuleCache()
 ENCODER_CACHE: OrderedDict[tuple, text_encoders.PromptEmbeddingCache] = OrderedDict()
 ENCODERS_KEPT = 2  # OpenCLIP-H's text tower is 0.7 GB in fp16, SDXL's two text towers 1.6 GB
 
@@ -120,7 +121,7 @@ def module_dirs() -> list[Path]:
 
 
 def module_entries() -> list:
-    return oms_modules.find_modules([d for d in module_dirs() if d.is_dir()])
+    return module_files.find_modules([d for d in module_dirs() if d.is_dir()])
 
 
 def module_choices() -> list[str]:
@@ -290,7 +291,7 @@ def checkpoint_text_weights(sd_model, kind: str):
 def checkpoint_identity(sd_model) -> tuple:
     """What tells one checkpoint's weights from another's: its file's version (path, time, size)."""
     filename = getattr(getattr(sd_model, "sd_checkpoint_info", None), "filename", "") or ""
-    return oms_modules.file_version(filename) if filename and Path(filename).is_file() else (filename,)
+    return module_files.file_version(filename) if filename and Path(filename).is_file() else (filename,)
 
 
 def load_encoder(kind: str, source: EncoderSource, sd_model, home, dtype) -> text_encoders.PromptEmbeddingCache:
@@ -363,14 +364,14 @@ def prepare(p, args: OMSArgs) -> Plan:
     entry = found_or_downloaded(
         lambda: choose_module(module_name(args.module), module_entries(), latent_space,
                               option(f"oms_module_{latent_space}", AUTOMATIC),
-                              lambda e: oms_modules.describe_module(e.path)[0], module_dirs()),
+                              lambda e: module_files.describe_module(e.path)[0], module_dirs()),
         functools.partial(download.obtain_module, latent_space, module_dirs()[0]))
     loads = MODULE_CACHE.loads
     plan.module = MODULE_CACHE.get(entry.path, home, dtype)
     if MODULE_CACHE.loads != loads:
         log(f"module: {entry.path} loaded ({plan.module.latent_space}, {plan.module.text_encoder})")
     plan.module.cuda_graphs = not plan.offload  # a module moved in and out for every step would recapture each time
-    oms_modules.check_latent_space(plan.module, latent_space)
+    module_files.check_latent_space(plan.module, latent_space)
     source = found_or_downloaded(
         lambda: resolve_text_encoder(plan.module.text_encoder, family, setting_path=option("oms_text_encoder_path", ""),
                                      module_dirs=module_dirs(), hub_dir=huggingface_hub_dir(),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lib_oms.cuda_graphs import GraphedCall
-from lib_oms.modules import load_module
+from lib_oms.module_files import load_module
 from lib_oms.text_encoders import BOS_ID, EOS_ID
 from tests.factories import (
     random_state_dict,

@@ -24,7 +24,7 @@ from lib_oms.demo.sampler import DiscreteEpsDenoiser, sample_euler
 from lib_oms.demo.text_encoder import DemoTextEncoder, load_text_encoder, save_text_encoder
 from lib_oms.demo.world import LATENT_SHAPE, LATENT_SPACE, decode_latents, draw_batch, encode_latents
 from lib_oms.errors import ModuleFileError, TextEncoderError
-from lib_oms.modules import load_module
+from lib_oms.module_files import load_module
 
 # W1 needs a few hundred images (128 draws of the data itself are 0.05 from the data's distribution); 8 steps suffice.
 FAST = DemoConfig(images=256, steps=8, prompt_seeds=8, oms_cfgs=(1.0, 1.5, 2.0), reference=2000)

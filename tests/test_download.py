@@ -14,9 +14,9 @@ import torch
 
 from lib_oms import download
 from lib_oms.errors import DownloadError, ModuleMissingError, TextEncoderMissingError
-from lib_oms.modules import find_modules, load_module
+from lib_oms.module_files import find_modules, load_module
+from lib_oms.sources import EncoderSource, resolve_text_encoder
 from lib_oms.text_encoders import load_openclip_text_encoder
-from lib_oms.webui_logic import EncoderSource, resolve_text_encoder
 from tests.fake_hub import FakeHub
 from tests.hub_fixtures import (
     MODULE_WEIGHTS,

@@ -15,7 +15,7 @@ import torch
 from lib_oms import cuda_graphs
 from lib_oms.cuda_graphs import GraphedCall
 from lib_oms.engine import oms_start, predict_v
-from lib_oms.modules import ModuleCache, load_module
+from lib_oms.module_files import ModuleCache, load_module
 from lib_oms.step import SamplerStart
 from lib_oms.text_encoders import PromptEmbeddingCache, tower_hidden_states
 from tests.factories import (

@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from lib_oms import download
-from lib_oms.modules import find_modules, load_module
+from lib_oms.module_files import find_modules, load_module
 from lib_oms.text_encoders import load_openclip_text_encoder
 from tests import hub_clients
 from tests.fake_hub import FakeHub

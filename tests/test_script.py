@@ -12,8 +12,8 @@ import torch
 
 from lib_oms.engine import Z_SEED_OFFSET
 from lib_oms.errors import LatentSpaceError, ModuleFileError, OMSError, TextEncoderError
-from lib_oms.modules import ModuleCache
-from lib_oms.webui_args import ARGS, ArgumentError
+from lib_oms.module_files import ModuleCache
+from oms_webui.args import ARGS, ArgumentError
 from tests.factories import (
     random_state_dict,
     text_tower_shapes,
@@ -661,7 +661,7 @@ def test_ui_components_follow_the_argument_order(webui):
 def test_automatic_loads_only_the_module_it_chooses(monkeypatch, tmp_path):
     """A text-encoder file beside the modules is not offered; the latent space of each candidate is read from its
     files' descriptions (sidecar, model_index), not by loading it onto the device."""
-    import lib_oms.modules as oms_modules
+    import lib_oms.module_files as module_files
 
     folder = tmp_path / "oms"
     config = tiny_unet_config()
@@ -673,8 +673,8 @@ def test_automatic_loads_only_the_module_it_chooses(monkeypatch, tmp_path):
     webui = make_webui(monkeypatch, folder)
     monkeypatch.setattr(webui.script_module, "MODULE_CACHE", ModuleCache())
     loaded = []
-    real_load = oms_modules.load_module
-    monkeypatch.setattr(oms_modules, "load_module", lambda path, *a, **k: loaded.append(path.name) or real_load(
+    real_load = module_files.load_module
+    monkeypatch.setattr(module_files, "load_module", lambda path, *a, **k: loaded.append(path.name) or real_load(
         path, *a, **k))
     assert webui.script_module.module_choices() == ["Automatic", "aaa_unnamed", "bbb_unnamed"]
     (tmp_path / "xl.safetensors").write_bytes(b"x")

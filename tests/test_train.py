@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from lib_oms.demo.text_encoder import DemoTextEncoder, save_text_encoder
 from lib_oms.engine import oms_start, seeded_unit_noise
 from lib_oms.errors import OMSError
-from lib_oms.modules import load_module
+from lib_oms.module_files import load_module
 from lib_oms.step import SamplerStart
 from lib_oms.train import (
     TrainSettings,

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from lib_oms.modules import describe_module, find_modules, load_module
+from lib_oms.module_files import describe_module, find_modules, load_module
 from tests.factories import tiny_unet_config
 from tests.webui_fakes import ROOT
 
@@ -46,7 +46,7 @@ def test_streamed_checkpoint_is_a_safetensors_file_with_every_tensor(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from lib_oms.modules import read_safetensors_header
+    from lib_oms.module_files import read_safetensors_header
 
     model = torch.nn.Module()
     model.text = torch.nn.Module()
@@ -91,7 +91,7 @@ def test_sdxl_end_to_end_arguments(tmp_path, monkeypatch):
 
 
 def test_sdxl_end_to_end_modules_are_sdxl_modules(tmp_path, monkeypatch):
-    from lib_oms.modules import describe_module
+    from lib_oms.module_files import describe_module
 
     monkeypatch.setattr(sdxl_end_to_end, "MODULES", {"oms_tiny_openclip_xl": ("openclip-h", 1024),
                                                      "oms_tiny_mixclip_xl": ("sdxl-mixclip", 2048)})

@@ -32,12 +32,12 @@ class DemoModels:
 
     encoder: DemoTextEncoder
     denoiser: DiscreteEpsDenoiser
-    oms: object | None  # lib_oms.modules.OMSModule
+    oms: object | None  # lib_oms.module_files.OMSModule
 
 
 def load_models(models_dir: str | Path = MODELS_DIR, with_oms: bool = True) -> DemoModels:
-    """Load the demo's weights from ``models_dir`` (the OMS module with lib_oms.modules.load_module, unchanged)."""
-    from ..modules import load_module
+    """Load the demo's weights from ``models_dir`` (the OMS module with lib_oms.module_files.load_module, unchanged)."""
+    from ..module_files import load_module
 
     models_dir = Path(models_dir)
     encoder = load_text_encoder(models_dir / TEXT_ENCODER_FILE)

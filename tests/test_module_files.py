@@ -8,9 +8,9 @@ import struct
 import pytest
 import torch
 
-import lib_oms.modules as modules
+import lib_oms.module_files as modules
 from lib_oms.errors import LatentSpaceError, ModuleFileError
-from lib_oms.modules import (
+from lib_oms.module_files import (
     ModuleCache,
     ModuleEntry,
     check_latent_space,

@@ -6,7 +6,7 @@ from dataclasses import fields
 
 import pytest
 
-from lib_oms.webui_args import (
+from oms_webui.args import (
     ARGS,
     AUTOMATIC,
     INFOTEXT_SKIPPED,

@@ -12,9 +12,9 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
-from .errors import OMSError
+from lib_oms.errors import OMSError
+from lib_oms.sources import AUTOMATIC
 
-AUTOMATIC = "Automatic"
 SOLVER_CHOICES = ("SDE", "DDIM")
 INFOTEXT_SKIPPED = "OMS skipped"
 # the passes that continue from the corrected first pass as they are (hires fix second pass, refiner)

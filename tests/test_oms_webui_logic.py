@@ -8,25 +8,27 @@ import pytest
 import torch
 
 from lib_oms.errors import ModuleFileError, ModuleMissingError, TextEncoderError, TextEncoderMissingError
+from lib_oms.sources import (
+    EncoderSource,
+    choose_module,
+    huggingface_hub_dir,
+    module_dtype,
+    resolve_text_encoder,
+    sd2_checkpoints,
+)
 from lib_oms.step import K_DIFFUSION as STEP_K_DIFFUSION
 from lib_oms.step import SamplerStart, skip_reason, to_sampler_noise
-from lib_oms.webui_logic import (
+from oms_webui.logic import (
     INPAINT_FILL_LATENT_NOISE,
     INPAINT_FILL_LATENT_NOTHING,
     K_DIFFUSION,
     TIMESTEP,
-    EncoderSource,
     Job,
-    choose_module,
-    huggingface_hub_dir,
     img2img_start,
     inpaint_noise,
     job_skip_reason,
     model_skip_reason,
-    module_dtype,
     offload_after_use,
-    resolve_text_encoder,
-    sd2_checkpoints,
     txt2img_start,
     untouched_passes,
     unwrap_hijacked_keys,
@@ -236,7 +238,7 @@ def test_an_sd2_checkpoint_among_the_webuis_checkpoints_is_a_source(tmp_path, mo
     assert find() == EncoderSource("file", sd21)
     placed = make_encoder_folder(models / "text_encoder")
     read = []
-    monkeypatch.setattr("lib_oms.webui_logic.holds_text_tower", lambda *a: read.append(a))
+    monkeypatch.setattr("lib_oms.sources.holds_text_tower", lambda *a: read.append(a))
     assert find() == EncoderSource("file", placed) and read == []  # a placed encoder wins; no header is read
 
 
