@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import urllib.error
@@ -61,6 +62,12 @@ TIMEOUT_S = 30.0
 DISK_MARGIN = 64 << 20
 PROGRESS_EVERY_S = 0.5
 USER_AGENT_LIBRARY = "sd-webui-one-more-step"
+# Sizes of the released fp16 files, known without asking the hub (both modules are OMS-B: 154.0 M parameters).
+RELEASED_MODULE_MB = 294
+RELEASED_TEXT_ENCODER_MB = 681
+# The hub client's (requests, urllib3) names of a request that got no answer at all.
+NO_ANSWER_ERRORS = {"ConnectionError", "ConnectTimeout", "ConnectTimeoutError", "NewConnectionError",
+                    "NameResolutionError", "MaxRetryError", "ReadTimeout", "Timeout", "OfflineModeIsEnabled"}
 
 Progress = Callable[[str], None]
 ShouldStop = Callable[[], bool]
@@ -134,10 +141,67 @@ def file_url(endpoint: str, repo: str, path: str, revision: str = "main") -> str
     return f"{endpoint}/{repo}/resolve/{quote(revision, safe='')}/{quote(path)}"
 
 
+class HubUnreachable(DownloadError):
+    """The hub gave no answer at all (no network, no name resolution, refused, timed out): every other request to it
+    would fail alike, so nothing else is tried."""
+
+    def __init__(self, endpoint: str, reason: str):
+        super().__init__(f"the hub ({endpoint}) cannot be reached ({reason})")
+        self.endpoint, self.reason = endpoint, reason
+
+
+class NoTextEncoderSource(DownloadError):
+    """The hub answered, but none of the text encoder's sources could be used; ``reasons``: one line per source."""
+
+    def __init__(self, reasons: list[str]):
+        super().__init__("no source of the text encoder could be used (" + "; ".join(reasons) + ")")
+        self.reasons = reasons
+
+
+def _causes(error: BaseException):
+    """The error and what it wraps: its cause and context, exception arguments and urllib3's ``reason``."""
+    seen, todo = set(), [error]
+    while todo and len(seen) < 20:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        wrapped = [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+        todo += [e for e in wrapped if isinstance(e, BaseException)]
+
+
+def no_answer_reason(error: BaseException) -> str | None:
+    """Why the hub gave no answer ("Connection refused", "timed out", …), or None for an error it answered with."""
+    found = None
+    for cause in _causes(error):
+        if isinstance(cause, urllib.error.HTTPError):
+            return None
+        no_answer = (isinstance(cause, (ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError))
+                     or type(cause).__name__ in NO_ANSWER_ERRORS)
+        if no_answer and found is None:
+            found = cause
+    if found is None:
+        return None
+    for cause in _causes(found):
+        errno_text = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(cause))
+        if errno_text:
+            return errno_text.group(1).strip()
+        if isinstance(cause, TimeoutError) or "Timeout" in type(cause).__name__:
+            return "timed out"
+    return type(found).__name__
+
+
 def _listing(repo: str, endpoint: str) -> tuple[str, dict[str, RemoteFile]]:
     """(commit, every file of the repo's main branch with its size and hash), from the hub's API."""
     hub = _hub()
-    info = hub.HfApi(endpoint=endpoint).model_info(repo, files_metadata=True)
+    try:
+        info = hub.HfApi(endpoint=endpoint).model_info(repo, files_metadata=True)
+    except Exception as error:
+        reason = no_answer_reason(error)
+        if reason is not None:
+            raise HubUnreachable(endpoint, reason) from error
+        raise
     files = {}
     for sibling in info.siblings or []:
         lfs = sibling.lfs
@@ -246,9 +310,11 @@ def text_encoder_plan(models_dir: Path, endpoint: str | None = None) -> tuple[Pl
     for repo, plan in sources:
         try:
             return plan(), skipped
-        except Exception as error:  # not found, no such file, network: try the next source
+        except HubUnreachable:  # the next source is on the same hub
+            raise
+        except Exception as error:  # not found, no such file: try the next source
             skipped.append(f"{repo}: {_describe_error(error)}")
-    raise DownloadError("no source of the text encoder could be used: " + "; ".join(skipped))
+    raise NoTextEncoderSource(skipped)
 
 
 def _describe_error(error: Exception) -> str:
@@ -581,6 +647,24 @@ def _describe_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def describe_without_hub(item: str, models_dir: Path) -> str:
+    """What ``item`` would fetch, as far as it is known without the hub: repositories, files, sizes, destination."""
+    if item == "text-encoder":
+        files = ", ".join(("text_encoder/config.json", TEXT_WEIGHTS_CHOICES[0]))
+        return (f"the OpenCLIP ViT-H/14 text encoder -> {Path(models_dir) / TEXT_ENCODER_FOLDER}/ (about "
+                f"{RELEASED_TEXT_ENCODER_MB} MB)\n  {files} <- the first of {', '.join(TEXT_ENCODER_REPOS)} that has "
+                f"them, else the text tensors of {OPENCLIP_REPO}/{OPENCLIP_FILE}")
+    files = ", ".join(("model_index.json", "oms_module/config.json", WEIGHTS_CHOICES[0]))
+    return (f"the OMS module for {LATENT_SPACE_NAMES[item]} -> {module_folder(item, models_dir)}/ (about "
+            f"{RELEASED_MODULE_MB} MB)\n  {files} <- {MODULE_REPOS[item]}")
+
+
+def _print_without_hub(items, models_dir: Path) -> None:
+    print(f"what would be fetched from {default_endpoint()} (sizes as released; the hub gives the exact ones):")
+    for item in items:
+        print(describe_without_hub(item, models_dir))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lib_oms.download",
@@ -596,31 +680,47 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.models_dir.exists() and not args.models_dir.is_dir():
         parser.error(f"--models-dir {args.models_dir} is a file, not a folder")
+    items = list(TARGETS[args.what])
     if offline():
-        print("error: HF_HUB_OFFLINE is set: nothing can be downloaded", file=sys.stderr)
+        print("error: HF_HUB_OFFLINE is set: the hub is not asked and nothing can be downloaded", file=sys.stderr)
+        if args.dry_run:
+            _print_without_hub(items, args.models_dir)
         return 1
     try:
-        for item in TARGETS[args.what]:
+        while items:
+            item = items[0]
             if item == "text-encoder":
                 local = _local_text_encoder(args.models_dir)
                 if local is not None:
                     print(f"the text encoder is already there: {local}")
+                    items.pop(0)
                     continue
                 plan, skipped = text_encoder_plan(args.models_dir)
                 for reason in skipped:
                     print(f"not used: {reason}")
             elif module_present(module_folder(item, args.models_dir)):
                 print(f"the {LATENT_SPACE_NAMES[item]} module is already there: {module_folder(item, args.models_dir)}")
+                items.pop(0)
                 continue
             else:
                 plan = module_plan(item, args.models_dir)
             print(_describe_plan(plan))
             if not args.dry_run:
                 print(f"placed in {fetch(plan)}")
+            items.pop(0)
+    except HubUnreachable as error:
+        print(f"error: {error}: nothing was {'listed' if args.dry_run else 'downloaded'}", file=sys.stderr)
+        if args.dry_run:
+            _print_without_hub(items, args.models_dir)
+        return 1
+    except NoTextEncoderSource as error:
+        print("error: no source of the text encoder could be used:\n" + "\n".join(f"  {r}" for r in error.reasons),
+              file=sys.stderr)
+        return 1
     except DownloadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except Exception as error:  # the hub client's own errors: HTTP, connection
+    except Exception as error:  # the hub client's own errors: HTTP
         print(f"error: {_describe_error(error)}", file=sys.stderr)
         return 1
     return 0

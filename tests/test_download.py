@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
+import urllib.error
 
 import pytest
 import torch
@@ -155,7 +156,7 @@ def test_laion_text_tensors_by_range_requests(hub, models, tmp_path):
 
 
 def test_no_source_at_all_says_each_reason(hub, models):
-    with pytest.raises(DownloadError, match="no source of the text encoder") as error:
+    with pytest.raises(download.NoTextEncoderSource, match="no source of the text encoder") as error:
         download.text_encoder_plan(models)
     for repo in (MIRROR, MIRROR_BASE, download.OPENCLIP_REPO):
         assert f"{repo}: repository not found" in str(error.value)
@@ -329,3 +330,75 @@ def test_cli_reports_errors_and_bad_arguments(hub, models, capsys, tmp_path):
         download.main(["--models-dir", str(a_file), "sd"])
     with pytest.raises(SystemExit):
         download.main(["--models-dir", str(models), "sd3"])
+
+
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """The hub client's endpoint on a loopback port where nothing listens (as with no network: no answer at all)."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-cache"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
+    return url
+
+
+def test_cli_dry_run_without_the_hub_says_so_and_lists_what_it_would_fetch(no_hub, models, capsys):
+    assert download.main(["--models-dir", str(models), "--dry-run", "all"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"error: the hub ({no_hub}) cannot be reached (Connection refused): nothing was listed\n"
+    out = captured.out
+    for item, repo in download.MODULE_REPOS.items():
+        assert f"{download.module_folder(item, models)}/ (about 294 MB)" in out and f"<- {repo}\n" in out
+    assert out.count(download.WEIGHTS_CHOICES[0]) == 2
+    assert f"{models / 'text_encoder'}/ (about 681 MB)" in out and "text_encoder/model.fp16.safetensors" in out
+    assert all(repo in out for repo in (*download.TEXT_ENCODER_REPOS, download.OPENCLIP_REPO))
+    assert "Error(" not in out + captured.err and not models.exists()
+
+
+def test_cli_dry_run_in_offline_mode_lists_what_it_would_fetch(no_hub, models, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert download.main(["--models-dir", str(models), "--dry-run", "sd"]) == 1
+    captured = capsys.readouterr()
+    assert "HF_HUB_OFFLINE is set" in captured.err
+    assert download.MODULE_REPOS["sd"] in captured.out and "text_encoder/config.json" in captured.out
+
+
+def test_cli_text_encoder_without_the_hub_is_one_short_line(no_hub, models, capsys):
+    assert download.main(["--models-dir", str(models), "text-encoder"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"error: the hub ({no_hub}) cannot be reached (Connection refused): nothing was downloaded\n"
+    assert captured.out == ""
+
+
+def test_cli_text_encoder_with_no_usable_source_says_each_on_a_line_of_its_own(hub, models, capsys, monkeypatch,
+                                                                              tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-cache"))
+    assert download.main(["--models-dir", str(models), "text-encoder"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: no source of the text encoder could be used:",
+        *(f"  {repo}: repository not found" for repo in (MIRROR, MIRROR_BASE, download.OPENCLIP_REPO))]
+
+
+def test_a_first_use_without_the_hub_says_it_cannot_be_reached(no_hub, models):
+    with pytest.raises(ModuleMissingError, match=r"Not downloaded: the download failed: the hub \(http://127\.0\.0\.1:"
+                       r"\d+\) cannot be reached \(Connection refused\)\. To place it by hand"):
+        download.obtain_module("sd", models, ModuleMissingError("no module"))
+
+
+def test_an_answer_of_the_hub_is_not_taken_for_no_answer(no_hub):
+    import requests
+
+    with pytest.raises(requests.ConnectionError) as refused:
+        requests.get(no_hub, timeout=5)
+    assert download.no_answer_reason(refused.value) == "Connection refused"
+    assert download.no_answer_reason(TimeoutError()) == "timed out"
+    http_error = urllib.error.HTTPError(no_hub, 404, "Not Found", {}, None)
+    assert download.no_answer_reason(http_error) is None
+    assert download.no_answer_reason(DownloadError("x")) is None

@@ -1,6 +1,8 @@
 """The helper scripts of the real-WebUI tests (tests/webui/), checked without a WebUI."""
 
+import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -102,7 +104,8 @@ def test_sdxl_end_to_end_modules_are_sdxl_modules(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The fake prompt parser of tests/webui_fakes.py against A1111's own (the real file, read from the WebUI archive)
+# The fake prompt parser of tests/webui_fakes.py against the WebUI's own, read from the folder SD_WEBUI_DIR names (the
+# real-WebUI runner, tests/webui/harness/run.py, sets it to the WebUI it was given)
 
 PROMPTS = ["a photo of a cat", "a [b:3]", "a [b: 3] c", "a [b:.5] c", "a [b : c : 1] d", "a [b:c:0] d",
            "a[b:[c:d:2]:1]e", "[(a:2):3]", "[in foreground::0.6] x", "[a|(b:1.1)]", "[fe|]male",
@@ -113,15 +116,18 @@ PROMPTS = ["a photo of a cat", "a [b:3]", "a [b: 3] c", "a [b:.5] c", "a [b : c 
 @pytest.fixture(scope="module")
 def real_prompt_parser():
     import importlib.util
-    import tarfile
 
-    pytest.importorskip("lark", reason="A1111's prompt parser needs lark (pip install lark)")
-    archive = ROOT.parent / "shared" / "webui" / "a1111-v1.10.1.tar.gz"
-    with tarfile.open(archive) as tar:
-        source = tar.extractfile("stable-diffusion-webui/modules/prompt_parser.py").read()
-    spec = importlib.util.spec_from_loader("a1111_prompt_parser", loader=None)
+    webui = os.environ.get("SD_WEBUI_DIR")
+    if not webui:
+        pytest.skip("SD_WEBUI_DIR is not set: no WebUI source to compare the fake prompt parser with "
+                    "(tests/webui/harness/run.py sets it)")
+    path = Path(webui) / "modules" / "prompt_parser.py"
+    if not path.is_file():
+        pytest.fail(f"SD_WEBUI_DIR={webui} has no modules/prompt_parser.py")
+    pytest.importorskip("lark", reason="the WebUI's prompt parser needs lark (pip install lark)")
+    spec = importlib.util.spec_from_file_location("webui_prompt_parser", path)
     module = importlib.util.module_from_spec(spec)
-    exec(compile(source, "a1111/modules/prompt_parser.py", "exec"), module.__dict__)
+    spec.loader.exec_module(module)
     return module
 
 

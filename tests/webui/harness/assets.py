@@ -1,9 +1,9 @@
-"""Everything the test WebUIs need besides their code, made here with random weights (nothing is downloaded).
+"""Everything a tested WebUI needs besides their code, made here with random weights (nothing is downloaded).
 
 - ``hf/``: a Hugging Face cache for ``openai/clip-vit-large-patch14`` (A1111's SD1 text encoder reads its config and
   tokenizer from there; Forge and reForge ship their own): vocab.json and merges.txt made from the BPE vocabulary that
   open_clip ships, config.json from transformers' own CLIP defaults of that model.
-- ``sd15_random.safetensors``: one random SD 1.5 checkpoint for all five WebUIs (make_checkpoint.py).
+- ``sd15_random.safetensors``: one random SD 1.5 checkpoint for every WebUI tested (make_checkpoint.py).
 - ``oms/``: what the tests expect in ``<webui>/models/oms/``: a random OMS-B module in the released folder layout
   (``oms_b_openclip_15_21``), two small OMS-S modules (``oms_s_sd15_test`` for the module argument,
   ``oms_s_openclip_xl_test`` for the wrong-latent-space error) and a random OpenCLIP ViT-H/14 text encoder in
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
-from build import REPO, log
+from host import REPO, log
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -31,7 +31,6 @@ sys.path.insert(0, str(REPO / "tests"))
 CLIP_L_REPO = "openai/clip-vit-large-patch14"
 CLIP_L_REVISION = "0" * 40  # any commit name: the cache is only read offline
 MODULE_NAME = "oms_b_openclip_15_21"
-CHECKPOINT_NAME = "sd15_random.safetensors"
 EXTRA_MODULE_NAME = "oms_s_extra_dir_test"
 BROKEN_MODULE_NAME = "broken_for_tests"
 # name -> (OMS-S or OMS-B, latent space, folder under assets/)
@@ -83,8 +82,8 @@ def make_clip_l_cache(hf_home: Path) -> Path:
     return hf_home
 
 
-def make_checkpoint(assets: Path, python: Path, webui: Path, hf_home: Path) -> Path:
-    path = assets / CHECKPOINT_NAME
+def make_checkpoint(path: Path, python: Path, webui: Path, hf_home: Path) -> Path:
+    """A random SD 1.5 checkpoint at ``path``, made once with the WebUI's own ldm and config (make_checkpoint.py)."""
     if not path.is_file():
         log(f"making the random SD 1.5 checkpoint {path}")
         env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}

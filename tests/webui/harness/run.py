@@ -1,23 +1,31 @@
-"""Builds the real WebUIs from ../shared/webui/, starts each offline and runs tests/webui against it.
+"""Runs tests/webui against a WebUI that is already installed, without touching anything of its user's.
 
-    .venv/bin/python tests/webui/harness/run.py [--only a1111-1.10.1,forge] [--work test-webuis] [--no-oldest-unit]
-                                                [--first-use-only]
+    .venv/bin/python tests/webui/harness/run.py --webui ~/stable-diffusion-webui [--python PY] [--work DIR]
+                                                [--checkpoint FILE] [--all] [--no-first-use] [-- PYTEST_ARGS]
 
-Run with the repository's test environment (.venv, made by the README's test command). For each WebUI of the matrix
-(matrix.py) it unpacks the archive and the helper repositories its launcher would clone, builds its layered Python
-environment from the registry, links this checkout in as the extension, starts the server on 127.0.0.1 with a random
-SD 1.5 checkpoint and random OMS files (assets.py), runs its share of tests/webui, and stops it. After A1111 1.10.1's
-run comes its first-use phase: the same WebUI started again with an empty models/oms and a fake Hugging Face hub
-(tests/fake_hub.py) as HF_ENDPOINT, for test_webui_first_use.py. Then it runs the unit suite on the oldest supported
-stack (A1111 1.6.0's torch 2.0.1). Prints minutes, disk and test counts per WebUI; exits non-zero if anything failed.
-Everything goes to the work folder (default test-webuis/ in the checkout, ignored by git); a second run reuses what is
-already built.
+Run it with the repository's test environment (.venv, made by the README's test command). ``--python`` is the Python
+the WebUI runs with (default: its ``venv/bin/python``); it needs the extension's requirements (requirements.txt), which
+the extension's install.py installs on a normal start. The runner
+
+1. recognises the WebUI (A1111 1.6–1.10, Forge, reForge, Forge Classic, Forge Neo) from the flags it defines and the
+   folders it has (host.py);
+2. makes the random test files in the work folder (assets.py): OMS modules in the released layout, an OpenCLIP-H text
+   encoder, a CLIP-L tokenizer cache, and a random SD 1.5 checkpoint from the WebUI's own configs/v1-inference.yaml
+   (or ``--checkpoint``; Forge Neo has no ldm to make one, so a checkpoint an earlier run made is reused);
+3. starts the WebUI on 127.0.0.1 with ``--data-dir`` set to a scratch folder in the work folder, whose extensions/
+   links to this checkout and whose models/ hold the test files, and with HF_HOME set to the work folder: the
+   WebUI's own models, extensions, config.json, ui-config.json and the user's Hugging Face cache are not read or
+   written;
+4. runs the tests/webui set that fits the kind (all for A1111, smoke and X/Y/Z for the Forge family; ``--all``
+   for everything), then, as on a user's first day, starts it again with an empty models/oms and tests/fake_hub.py
+   as the hub for test_webui_first_use.py, and the prompt-parser agreement test against the WebUI's source;
+5. stops the server (also when a test or the server fails), checks that the WebUI's folder is byte-identical to
+   before (Python's __pycache__ aside) and prints the counts. Exits non-zero if anything failed or changed.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -29,222 +37,202 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import host  # noqa: E402
 from assets import EXTRA_MODULE_NAME, first_use_repos, make_checkpoint, make_clip_l_cache, make_oms_folders  # noqa: E402
-from build import REPO, build_env, build_webui, disk_usage, env_dir, log  # noqa: E402
-from matrix import WEBUIS, WebUI  # noqa: E402
+from host import EXTENSION_NAME, REPO, Kind, log  # noqa: E402
 from server import Server  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests" / "webui"))
 import seams_files  # noqa: E402
-from fake_hub import FakeHub  # noqa: E402
+
+sys.path.insert(0, str(REPO))
+from tests.fake_hub import FakeHub  # noqa: E402
 
 # Not a hidden folder: the WebUIs' gradio refuses to serve files (their own JavaScript too) under a ".name" folder.
 WORK_FOLDER = "test-webuis"
-CHECKPOINT_WEBUI = "a1111-1.10.1"  # whose ldm and v1-inference.yaml make the shared checkpoint
-OLDEST_UNIT_ENV = "oldest-unit"
-FIRST_USE_WEBUI = "a1111-1.10.1"
+CHECKPOINT_NAME = "sd15_random.safetensors"
 FIRST_USE_TESTS = "tests/webui/test_webui_first_use.py"
+SOURCE_TESTS = "tests/test_webui_support.py::test_fake_prompt_parser_reads_the_first_step_as_the_webui"
+# What the extension needs in the WebUI's Python beyond what every WebUI has.
+NEEDED_MODULES = ("torch", "safetensors", "transformers", "open_clip")
 
 
 def pytest_counts(junit: Path) -> dict[str, int]:
-    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
     if not junit.is_file():
         return counts
     for suite in ET.parse(junit).getroot().iter("testsuite"):
-        tests, failures = int(suite.get("tests", 0)), int(suite.get("failures", 0))
-        errors, skipped = int(suite.get("errors", 0)), int(suite.get("skipped", 0))
-        counts["failed"] += failures
-        counts["errors"] += errors
+        tests, skipped = int(suite.get("tests", 0)), int(suite.get("skipped", 0))
+        failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+        counts["failed"] += failed
         counts["skipped"] += skipped
-        counts["passed"] += tests - failures - errors - skipped
+        counts["passed"] += tests - failed - skipped
     return counts
 
 
-def run_pytest(python: Path, args: list[str], env: dict, junit: Path) -> tuple[int, float]:
+def run_pytest(args: list[str], env: dict, junit: Path) -> dict:
     started = time.monotonic()
-    cmd = [str(python), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE", f"--junitxml={junit}", *args]
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE", f"--junitxml={junit}", *args]
     log("$ " + " ".join(cmd))
     code = subprocess.run(cmd, cwd=REPO, env=env).returncode
-    return code, time.monotonic() - started
+    return {**pytest_counts(junit), "exit_code": code, "tests_s": time.monotonic() - started}
 
 
-def link_models(webui_folder: Path, oms: Path) -> None:
-    """<webui>/models/oms is where users put modules: here a link to the shared random files."""
-    target = webui_folder / "models" / "oms"
-    target.parent.mkdir(exist_ok=True)
-    if target.is_symlink():
-        target.unlink()
-    elif target.exists():
-        shutil.rmtree(target)
-    target.symlink_to(oms, target_is_directory=True)
+def missing_modules(python: Path) -> list[str]:
+    probe = "import importlib.util as u, sys; print(' '.join(m for m in sys.argv[1:] if u.find_spec(m) is None))"
+    reply = subprocess.run([str(python), "-c", probe, *NEEDED_MODULES], capture_output=True, text=True)
+    if reply.returncode:
+        raise SystemExit(f"{python} does not run: {reply.stderr.strip()[-500:]}")
+    return reply.stdout.split()
 
 
-def serve_and_test(result: dict, webui: WebUI, folder: Path, python: Path, flags: tuple[str, ...], checkpoint: Path,
-                   hf_home: Path, work: Path, pytest_args: list[str], server_env: dict | None = None,
-                   test_env: dict | None = None) -> None:
-    """Starts the WebUI, runs pytest against it and stops it; the times, counts and exit code go into ``result``."""
-    log_name = result["webui"].replace(" ", "-")
-    server = Server(folder, python, flags, checkpoint, hf_home, work / "logs" / f"{log_name}.log", webui.options,
-                    env_changes=server_env)
+def python_prefix(python: Path) -> Path:
+    return Path(subprocess.run([str(python), "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True,
+                               check=True).stdout.strip())
+
+
+def link(target: Path, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target.resolve(), target_is_directory=target.is_dir())
+
+
+def data_folder(work: Path, name: str, kind: Kind, checkpoint: Path, oms: Path | None) -> Path:
+    """A fresh ``--data-dir`` for one server start: the extension (a link to this checkout), the checkpoint, the
+    OMS files (a folder of links, so that what the tests write there stays out of the shared files; ``None``: an
+    empty models/oms, as on first use) and the settings the kind needs."""
+    data = work / "data" / name
+    if data.exists():
+        shutil.rmtree(data)
+    link(REPO, data / "extensions" / EXTENSION_NAME)
+    link(checkpoint, data / "models" / "Stable-diffusion" / CHECKPOINT_NAME)
+    (data / "models" / "oms").mkdir(parents=True)
+    for entry in sorted(oms.iterdir()) if oms else ():
+        link(entry, data / "models" / "oms" / entry.name)
+    options = dict(kind.options)
+    if "--ckpt" not in kind.flags:  # Neo has no --ckpt: the setting picks the checkpoint instead
+        options["sd_model_checkpoint"] = CHECKPOINT_NAME
+    (data / "config.json").write_text(json.dumps(options, indent=2))
+    return data
+
+
+def serve_and_test(name: str, folder: Path, python: Path, kind: Kind, data: Path, checkpoint: Path, hf_home: Path,
+                   work: Path, pytest_args: list[str], flags: tuple[str, ...] = (), server_env: dict | None = None,
+                   test_env: dict | None = None) -> dict:
+    """Starts the WebUI, runs pytest against it and stops it, whatever happens in between."""
+    flags = ("--data-dir", str(data), *(("--ckpt", str(data / "models" / "Stable-diffusion" / CHECKPOINT_NAME))
+                                        if "--ckpt" in kind.flags else ()), *kind.start_flags(), *flags)
+    server = Server(folder, python, flags, hf_home, work / "logs" / f"{name}.log", env_changes=server_env)
+    result = {"phase": name}
     try:
         result["start_s"] = server.start()
-        env = {**os.environ, "SD_WEBUI_URL": server.url, "SD_WEBUI_NAME": webui.name,
-               "SD_WEBUI_LOG": str(server.log_path), **(test_env or {})}
-        junit = work / "logs" / f"{log_name}.junit.xml"
-        code, result["tests_s"] = run_pytest(REPO / ".venv" / "bin" / "python", pytest_args, env, junit)
-        result.update(pytest_counts(junit), exit_code=code)
+        env = {**os.environ, "SD_WEBUI_URL": server.url, "SD_WEBUI_LOG": str(server.log_path), **(test_env or {})}
+        result.update(run_pytest(pytest_args, env, work / "logs" / f"{name}.junit.xml"))
+    except Exception as error:  # a server that does not start fails its phase; the folder check still runs
+        log(f"{name}: {error}")
+        result.update(exit_code=1, error=str(error)[-2000:])
     finally:
         server.stop()
-
-
-def test_webui(name: str, work: Path, checkpoint: Path, hf_home: Path, oms: Path, extra_oms: Path,
-               extra_pytest: list[str]) -> dict:
-    webui = WEBUIS[name]
-    result = {"webui": name}
-    started = time.monotonic()
-    try:
-        folder, python = build_webui(work, webui)
-        link_models(folder, oms)
-        seams_files.write(folder, checkpoint)
-        result["build_s"] = time.monotonic() - started
-        serve_and_test(result, webui, folder, python, (*webui.flags, "--oms-models-dir", str(extra_oms)), checkpoint,
-                       hf_home, work, ["tests/webui", *webui.pytest_args, *extra_pytest],
-                       test_env={"SD_WEBUI_OMS_EXTRA_MODULE": EXTRA_MODULE_NAME})
-    except Exception as error:  # a WebUI that does not build or start fails its row; the others still run
-        log(f"{name}: {error}")
-        result.update(exit_code=1, error=str(error)[:2000])
     return result
 
 
-@contextlib.contextmanager
-def oms_settings_unset(folder: Path):
-    """The WebUI's config.json without the extension's settings while in the block, as before its first start (a text
-    encoder path that another run set would be used instead of a download); put back as it was afterwards."""
-    config = folder / "config.json"
-    saved = config.read_text() if config.is_file() else None
-    if saved is not None:
-        settings = {key: value for key, value in json.loads(saved).items() if not key.startswith("oms_")}
-        config.write_text(json.dumps(settings, indent=4))
-    try:
-        yield
-    finally:
-        if saved is None:
-            config.unlink(missing_ok=True)
-        else:
-            config.write_text(saved)
-
-
-def test_first_use(work: Path, checkpoint: Path, hf_home: Path, oms: Path, extra_pytest: list[str]) -> dict:
-    """A1111 1.10.1 started again as on a user's first day: models/oms linked to an empty folder, no --oms-models-dir,
-    no OMS setting, a fake hub serving the SD module and the first text-encoder mirror (assets.first_use_repos) as
-    HF_ENDPOINT, and HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE unset (huggingface_hub, and so the extension, reads
-    either as offline). The hub writes every request to logs/first-use-hub.jsonl for the tests. models/oms and the
-    settings are put back afterwards, and the downloaded files removed when the phase passed."""
-    webui = WEBUIS[FIRST_USE_WEBUI]
-    result = {"webui": f"{FIRST_USE_WEBUI} first use", "of": FIRST_USE_WEBUI}
-    started = time.monotonic()
-    folder = None
-    try:
-        folder, python = build_webui(work, webui)
-        empty = work / "first-use" / "oms"
-        if empty.exists():
-            shutil.rmtree(empty)
-        empty.mkdir(parents=True)
-        link_models(folder, empty)
-        hub_log = work / "logs" / "first-use-hub.jsonl"
-        hub_log.unlink(missing_ok=True)
-        with FakeHub(log_path=hub_log) as hub, oms_settings_unset(folder):
-            for repo, files in first_use_repos(oms).items():
-                hub.add(repo, files)
-            result["build_s"] = time.monotonic() - started
-            serve_and_test(result, webui, folder, python, webui.flags, checkpoint, hf_home, work,
-                           [FIRST_USE_TESTS, *extra_pytest],
-                           server_env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None},
-                           test_env={"SD_WEBUI_FAKE_HUB": hub.url, "SD_WEBUI_FAKE_HUB_LOG": str(hub_log),
-                                     "SD_WEBUI_OMS_DIR": str(folder / "models" / "oms")})
-    except Exception as error:
-        log(f"{result['webui']}: {error}")
-        result.update(exit_code=1, error=str(error)[:2000])
-    finally:
-        if folder is not None:
-            link_models(folder, oms)
-    if result.get("exit_code") == 0:  # the downloaded copies (0.7 GB) are kept only to look into a failure
-        shutil.rmtree(work / "first-use")
-    result["phase_s"] = time.monotonic() - started
-    log(f"{result['webui']}: {result['phase_s']:.0f} s in all")
+def first_use(folder: Path, python: Path, kind: Kind, work: Path, checkpoint: Path, hf_home: Path, oms: Path,
+              extra_pytest: list[str]) -> dict:
+    """The WebUI as on a user's first day: an empty models/oms, no OMS setting, a fake hub serving the SD module and
+    the first text-encoder mirror as HF_ENDPOINT, HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE unset (either makes
+    huggingface_hub, and so the extension, offline). The hub writes every request to logs/first-use-hub.jsonl."""
+    data = data_folder(work, "first-use", kind, checkpoint, None)
+    hub_log = work / "logs" / "first-use-hub.jsonl"
+    hub_log.unlink(missing_ok=True)
+    with FakeHub(log_path=hub_log) as hub:
+        for repo, files in first_use_repos(oms).items():
+            hub.add(repo, files)
+        result = serve_and_test("first-use", folder, python, kind, data, checkpoint, hf_home, work,
+                                [FIRST_USE_TESTS, *extra_pytest],
+                                server_env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": None,
+                                            "TRANSFORMERS_OFFLINE": None},
+                                test_env={"SD_WEBUI_FAKE_HUB": hub.url, "SD_WEBUI_FAKE_HUB_LOG": str(hub_log),
+                                          "SD_WEBUI_OMS_DIR": str(data / "models" / "oms")})
+    if result["exit_code"] == 0:  # the downloaded copies are kept only to look into a failure
+        shutil.rmtree(data)
     return result
 
 
-def test_oldest_unit(work: Path) -> dict:
-    started = time.monotonic()
-    python = build_env(work, OLDEST_UNIT_ENV)
-    result = {"webui": "unit suite, oldest stack", "build_s": time.monotonic() - started}
-    junit = work / "logs" / "oldest-unit.junit.xml"
-    env = {k: v for k, v in os.environ.items() if k not in ("SD_WEBUI_URL", "VIRTUAL_ENV")}
-    code, result["tests_s"] = run_pytest(python, [], env, junit)
-    result.update(pytest_counts(junit), exit_code=code)
-    return result
+def the_checkpoint(args, kind: Kind, folder: Path, python: Path, assets: Path, hf_home: Path) -> Path:
+    if args.checkpoint:
+        return args.checkpoint.resolve()
+    made = assets / CHECKPOINT_NAME
+    if made.is_file() or kind.can_make_checkpoint:
+        return make_checkpoint(made, python, folder, hf_home)
+    raise SystemExit(f"{kind.name} has no ldm package to make a random SD 1.5 checkpoint with: pass --checkpoint "
+                     f"FILE, or run the runner once against an A1111 WebUI, which leaves one in {made}")
 
 
-def gib(n_bytes: int) -> str:
-    return f"{n_bytes / 2**30:.2f}"
-
-
-def report(results: list[dict], work: Path, total_s: float) -> None:
-    print("\n| WebUI | build | start | tests | passed | failed | skipped | WebUI folder GiB | env GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+def report(kind: Kind, folder: Path, results: list[dict], changed: list[str], total_s: float) -> None:
+    commit = host.commit_of(folder)
+    print(f"\n{kind.name}{f' ({commit})' if commit else ''} in {folder}: {total_s / 60:.1f} min")
+    print("| phase | start | tests | passed | failed | skipped |\n|---|---|---|---|---|---|")
     for r in results:
-        name, of = r["webui"], r.get("of", r["webui"])
-        folder = work / "webuis" / of
-        env = env_dir(work, WEBUIS[of].env) if of in WEBUIS else env_dir(work, OLDEST_UNIT_ENV)
-        row = [name, *(f"{r[k]:.0f} s" if k in r else "-" for k in ("build_s", "start_s", "tests_s")),
-               str(r.get("passed", "-")), str(r.get("failed", 0) + r.get("errors", 0)), str(r.get("skipped", "-")),
-               gib(disk_usage(folder)) if folder.is_dir() else "-", gib(disk_usage(env)) if env.is_dir() else "-"]
-        r["webui_gib"], r["env_gib"] = row[-2], row[-1]
-        print("| " + " | ".join(row) + " |")
-    work_bytes, venv_bytes = disk_usage(work), disk_usage(REPO / ".venv")
-    print(f"\nwork folder {work}: {gib(work_bytes)} GiB; .venv (shared torch 2.14.1): {gib(venv_bytes)} GiB; "
-          f"total {gib(work_bytes + venv_bytes)} GiB; {total_s / 60:.1f} min")
-    (work / "report.json").write_text(json.dumps({"results": results, "work_gib": gib(work_bytes),
-                                                  "venv_gib": gib(venv_bytes), "total_s": total_s}, indent=2))
+        times = [f"{r[k]:.0f} s" if k in r else "-" for k in ("start_s", "tests_s")]
+        print(f"| {r['phase']} | {' | '.join(times)} | {r.get('passed', '-')} | "
+              f"{r.get('failed', '-') if 'error' not in r else 'server failed'} | {r.get('skipped', '-')} |")
+    if changed:
+        print(f"\nthe WebUI's folder changed ({len(changed)} files):\n  " + "\n  ".join(changed[:50]))
+    else:
+        print("\nthe WebUI's folder is byte-identical to before the run")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=Path(os.environ.get("OMS_WEBUI_WORK", REPO / WORK_FOLDER)))
-    parser.add_argument("--only", default=",".join(WEBUIS), help="comma-separated WebUIs (default: all): "
-                        + ", ".join(WEBUIS))
-    parser.add_argument("--no-oldest-unit", action="store_true", help="skip the unit suite on the oldest stack")
-    parser.add_argument("--first-use-only", action="store_true",
-                        help=f"run only {FIRST_USE_WEBUI}'s first-use phase (no other test run, no oldest-stack suite)")
+    parser.add_argument("--webui", type=Path, required=True, help="the installed WebUI's folder")
+    parser.add_argument("--python", type=Path, help="the Python the WebUI runs with (default: WEBUI/venv/bin/python)")
+    parser.add_argument("--work", type=Path, default=REPO / WORK_FOLDER,
+                        help="where the random files and the scratch data folders go (default: test-webuis/)")
+    parser.add_argument("--checkpoint", type=Path, help="an SD 1.5 checkpoint to test with instead of a random one")
+    parser.add_argument("--all", action="store_true", help="all of tests/webui whatever the kind")
+    parser.add_argument("--no-first-use", action="store_true", help="skip the first-use phase")
+    parser.add_argument("--first-use-only", action="store_true", help="only the first-use phase")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments for tests/webui (after --)")
-    args = parser.parse_args()
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in WEBUIS]
-    if unknown:
-        parser.error(f"unknown WebUI {unknown}: choose from {list(WEBUIS)}")
+    args = parser.parse_args(argv)
 
+    folder = args.webui.expanduser().resolve()
+    try:
+        kind = host.detect(folder)
+    except ValueError as error:
+        parser.error(str(error))
+    python = (args.python or folder / "venv" / "bin" / "python").expanduser()
+    if not python.is_file():
+        parser.error(f"{python} does not exist: pass the WebUI's Python with --python")
+    missing = missing_modules(python)
+    if missing:
+        parser.error(f"{python} lacks {', '.join(missing)}: install the extension's requirements into it "
+                     f"({python} -m pip install -r {REPO / 'requirements.txt'}), as its install.py does on a "
+                     "normal start")
     started = time.monotonic()
-    work = args.work.resolve()
+    work = args.work.expanduser().resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
+    log(f"{kind.name} in {folder}, Python {python}; work folder {work}")
+    before = host.snapshot(folder, skip=(python_prefix(python),))
+
     assets = work / "assets"
     hf_home = make_clip_l_cache(assets / "hf")
     oms, extra_oms = make_oms_folders(assets)
-    folder, python = build_webui(work, WEBUIS[CHECKPOINT_WEBUI])
-    checkpoint = make_checkpoint(assets, python, folder, hf_home)
-    # the shared set-up: random files, A1111 1.10.1's tree and environment, the checkpoint made with its ldm
-    results = [{"webui": "set-up (shared files, A1111 1.10.1 build)", "of": CHECKPOINT_WEBUI, "exit_code": 0,
-                "build_s": time.monotonic() - started}]
-    for name in [] if args.first_use_only else names:
-        results.append(test_webui(name, work, checkpoint, hf_home, oms, extra_oms, args.pytest_args))
-        if name == FIRST_USE_WEBUI:
-            results.append(test_first_use(work, checkpoint, hf_home, oms, args.pytest_args))
-    if args.first_use_only:
-        results.append(test_first_use(work, checkpoint, hf_home, oms, args.pytest_args))
-    elif not args.no_oldest_unit:
-        results.append(test_oldest_unit(work))
-    report(results, work, time.monotonic() - started)
-    return 0 if all(r["exit_code"] == 0 for r in results) else 1
+    checkpoint = the_checkpoint(args, kind, folder, python, assets, hf_home)
+    tests = list(host.ALL_TESTS if args.all else kind.test_set())
+    results = []
+    if not args.first_use_only:
+        data = data_folder(work, "tests", kind, checkpoint, oms)
+        seams_files.write(data, checkpoint)
+        results.append(serve_and_test("tests", folder, python, kind, data, checkpoint, hf_home, work,
+                                      ["tests/webui", *tests, *args.pytest_args],
+                                      flags=("--oms-models-dir", str(extra_oms)),
+                                      test_env={"SD_WEBUI_OMS_EXTRA_MODULE": EXTRA_MODULE_NAME}))
+        results.append({"phase": "WebUI source", **run_pytest(
+            [SOURCE_TESTS], {**os.environ, "SD_WEBUI_DIR": str(folder)}, work / "logs" / "source.junit.xml")})
+    if not args.no_first_use:
+        results.append(first_use(folder, python, kind, work, checkpoint, hf_home, oms, args.pytest_args))
+    changed = host.changes(before, host.snapshot(folder, skip=(python_prefix(python),)))
+    report(kind, folder, results, changed, time.monotonic() - started)
+    return 0 if all(r["exit_code"] == 0 for r in results) and not changed else 1
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
-"""Starts a built WebUI offline on this machine's loopback and stops it (with everything it started)."""
+"""Starts an installed WebUI offline on this machine's loopback and stops it (with everything it started)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -11,10 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from build import log
+from host import log
 
-COMMON_FLAGS = ("--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-python-version-check",
-                "--skip-version-check", "--no-download-sd-model", "--api", "--server-name", "127.0.0.1")
 READY_LINE = "Startup time:"  # printed once the UI and API are up (Forge: earlier requests miss script defaults)
 
 
@@ -25,27 +22,23 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, folder: Path, python: Path, flags: tuple[str, ...], checkpoint: Path, hf_home: Path,
-                 log_path: Path, options: dict, env_changes: dict[str, str | None] | None = None):
-        """``env_changes``: variables set (a string) or removed (None) after the offline defaults."""
+    def __init__(self, folder: Path, python: Path, flags: tuple[str, ...], hf_home: Path, log_path: Path,
+                 env_changes: dict[str, str | None] | None = None):
+        """``flags``: all of the WebUI's start flags but the port. ``env_changes``: variables set (a string) or
+        removed (None) after the offline defaults."""
         self.folder, self.python, self.log_path = folder, python, log_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [str(python), "launch.py", *COMMON_FLAGS, "--port", str(self.port), "--ckpt", str(checkpoint),
-                    *flags]
+        self.cmd = [str(python), "launch.py", "--port", str(self.port), *flags]
         self.env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                     "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-        for key in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):
+        for key in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "COMMANDLINE_ARGS"):
             self.env.pop(key, None)
         for key, value in (env_changes or {}).items():
             if value is None:
                 self.env.pop(key, None)
             else:
                 self.env[key] = value
-        if options:
-            config = folder / "config.json"
-            current = json.loads(config.read_text()) if config.is_file() else {}
-            config.write_text(json.dumps({**current, **options}, indent=2))
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 900) -> float:

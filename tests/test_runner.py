@@ -1,0 +1,135 @@
+"""The real-WebUI runner's own logic (tests/webui/harness/): which kind of WebUI a folder is, the flags it is started
+with, the scratch data folder, and the check that a run left the WebUI's folder as it was. On small stand-in folders
+that hold only what the runner reads (flag definitions written as each WebUI writes them)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+HARNESS = Path(__file__).resolve().parent / "webui" / "harness"
+sys.path.insert(0, str(HARNESS))
+
+import host  # noqa: E402
+import run  # noqa: E402
+
+
+def webui(tmp_path: Path, files: dict[str, str]) -> Path:
+    folder = tmp_path / "webui"
+    for name, text in {"launch.py": "", "modules/scripts.py": "", **files}.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+def flags(*names: str) -> str:
+    return "\n".join(f'parser.add_argument("{name}", action="store_true")' for name in names)
+
+
+A1111_ARGS = flags("--data-dir", "--ckpt", "--use-cpu", "--no-half", "--skip-prepare-environment",
+                   "--skip-torch-cuda-test", "--no-download-sd-model")
+
+
+def test_a1111_is_recognised_with_its_release_and_cpu_flags(tmp_path):
+    folder = webui(tmp_path, {"modules/cmd_args.py": A1111_ARGS, "CHANGELOG.md": "## 1.10.1\n\n## 1.10.0\n",
+                              "configs/v1-inference.yaml": "", "repositories/stable-diffusion-stability-ai/ldm/x": ""})
+    kind = host.detect(folder)
+    assert kind.name == "A1111 1.10.1" and not kind.forge_family and kind.can_make_checkpoint
+    assert kind.cpu_flags() == ("--use-cpu", "all", "--no-half", "--precision", "full")
+    assert kind.start_flags()[:4] == ("--skip-prepare-environment", "--skip-torch-cuda-test", "--no-download-sd-model",
+                                      "--api")
+    assert kind.test_set() == ()  # everything in tests/webui
+
+
+def test_forge_classic_is_recognised_by_its_xyz_folder_and_always_cpu(tmp_path):
+    folder = webui(tmp_path, {"modules/cmd_args.py": A1111_ARGS, "modules_forge/__init__.py": "",
+                              "ldm_patched/modules/args_parser.py": flags("--always-cpu"),
+                              "extensions-builtin/xyz/scripts/xyz_grid.py": "",
+                              "README.md": "# Stable Diffusion WebUI Forge\n"})
+    kind = host.detect(folder)
+    assert kind.name == "Forge Classic" and kind.forge_family and not kind.can_make_checkpoint
+    assert kind.cpu_flags() == ("--always-cpu",)
+    assert kind.test_set() == ("-m", "smoke or xyz")
+
+
+def test_forge_neo_gets_only_the_flags_it_has(tmp_path):
+    """Neo defines --cpu in backend/args.py and --data-dir in paths_internal.py, and has no --ckpt or
+    --no-download-sd-model: the runner must not pass them (argparse would stop the start)."""
+    folder = webui(tmp_path, {"modules/cmd_args.py": flags("--skip-prepare-environment", "--ckpt-dirs"),
+                              "modules/paths_internal.py": flags("--data-dir", "--model-ref"),
+                              "backend/args.py": flags("--cpu"), "modules_forge/__init__.py": "",
+                              "README.md": '<h1 align="center">Stable Diffusion WebUI Forge - Neo</h1>\n'})
+    kind = host.detect(folder)
+    assert kind.name == "Forge Neo"
+    assert kind.start_flags() == ("--skip-prepare-environment", "--api", "--server-name", "127.0.0.1", "--cpu")
+    data = run.data_folder(tmp_path / "work", "tests", kind, tmp_path / "ckpt.safetensors", None)
+    assert json.loads((data / "config.json").read_text()) == {"sd_model_checkpoint": run.CHECKPOINT_NAME}
+
+
+def test_reforge_starts_without_live_previews(tmp_path):
+    folder = webui(tmp_path, {"modules/cmd_args.py": A1111_ARGS + "\n" + flags("--always-cpu"),
+                              "modules_forge/__init__.py": "", "README.md": "# Stable Diffusion WebUI reForge\n"})
+    kind = host.detect(folder)
+    assert kind.name == "reForge" and kind.options == {"live_previews_enable": False}
+
+
+def test_a_folder_that_is_not_a_webui_is_refused_saying_why(tmp_path):
+    with pytest.raises(ValueError, match="no launch.py and modules/scripts.py"):
+        host.detect(tmp_path)
+    with pytest.raises(ValueError, match="no --data-dir flag"):
+        host.detect(webui(tmp_path, {"modules/cmd_args.py": flags("--ckpt")}))
+
+
+def test_the_data_folder_links_the_checkout_checkpoint_and_files(tmp_path):
+    kind = host.detect(webui(tmp_path, {"modules/cmd_args.py": A1111_ARGS}))
+    oms = tmp_path / "oms"
+    (oms / "a_module").mkdir(parents=True)
+    (oms / "b.safetensors").write_text("x")
+    checkpoint = tmp_path / "ckpt.safetensors"
+    checkpoint.write_text("c")
+    data = run.data_folder(tmp_path / "work", "tests", kind, checkpoint, oms)
+    assert (data / "extensions" / host.EXTENSION_NAME).resolve() == host.REPO
+    assert (data / "models" / "Stable-diffusion" / run.CHECKPOINT_NAME).resolve() == checkpoint
+    assert sorted(p.name for p in (data / "models" / "oms").iterdir()) == ["a_module", "b.safetensors"]
+    assert not (data / "models" / "oms").is_symlink()  # what tests write there stays out of the shared files
+    assert json.loads((data / "config.json").read_text()) == {}  # --ckpt picks the checkpoint
+    (data / "leftover").write_text("from an earlier run")
+    assert not (run.data_folder(tmp_path / "work", "tests", kind, checkpoint, None) / "leftover").exists()
+
+
+def test_a_snapshot_shows_every_change_but_pythons_caches(tmp_path):
+    folder = tmp_path / "webui"
+    (folder / "modules" / "__pycache__").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "modules" / "a.py").write_text("a")
+    (folder / "venv" / "lib").mkdir(parents=True)
+    before = host.snapshot(folder, skip=(folder / "venv",))
+    (folder / "modules" / "__pycache__" / "a.pyc").write_text("compiled")
+    (folder / "venv" / "lib" / "new.py").write_text("installed")
+    assert host.changes(before, host.snapshot(folder, skip=(folder / "venv",))) == []
+    (folder / "config.json").write_text('{"oms_x": 1}')  # same size as before would not matter: content is hashed
+    (folder / "modules" / "a.py").unlink()
+    (folder / "ui-config.json").write_text("{}")
+    assert host.changes(before, host.snapshot(folder, skip=(folder / "venv",))) == [
+        "added ui-config.json", "removed modules/a.py", "changed config.json"]
+
+
+def test_a_git_clone_names_its_commit(tmp_path):
+    git = tmp_path / ".git"
+    (git / "refs" / "heads").mkdir(parents=True)
+    assert host.commit_of(tmp_path) is None
+    (git / "HEAD").write_text("ref: refs/heads/main\n")
+    (git / "packed-refs").write_text("# pack-refs\n82a973c04367123 refs/heads/main\n")
+    assert host.commit_of(tmp_path) == "82a973c04367"
+    (git / "HEAD").write_text("1f95d7171234567890\n")
+    assert host.commit_of(tmp_path) == "1f95d7171234"
+
+
+def test_pytest_counts_are_read_from_junit(tmp_path):
+    junit = tmp_path / "j.xml"
+    junit.write_text('<testsuites><testsuite tests="10" failures="1" errors="1" skipped="3"/></testsuites>')
+    assert run.pytest_counts(junit) == {"passed": 5, "failed": 2, "skipped": 3}
+    assert run.pytest_counts(tmp_path / "none.xml") == {"passed": 0, "failed": 0, "skipped": 0}

@@ -1,0 +1,160 @@
+"""What the runner needs to know about a WebUI that someone installed: its kind, the flags it takes, and whether a run
+left its folder as it found it. Pure functions over the folder's files; nothing here starts or changes anything.
+
+The kind is judged by what the folder has (the flags its argument parsers define, the packages beside ``modules/``),
+not by a version number, so a fork the runner has not seen still gets the flags it understands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+EXTENSION_NAME = "sd-webui-one-more-step"
+# Files of a WebUI whose content is hashed for the before/after check; bigger ones (checkpoints) by size and mtime.
+HASHED_UP_TO_BYTES = 16 * 2**20
+# Written by Python itself, not by the WebUI or the runner.
+NOT_THE_USERS = {"__pycache__"}
+# The test sets of tests/webui (markers from tests/webui/conftest.py).
+ALL_TESTS: tuple[str, ...] = ()
+SMOKE_AND_XYZ = ("-m", "smoke or xyz")
+# The argument-parser files where WebUIs of the A1111 family define their command-line flags.
+FLAG_FILES = ("modules/cmd_args.py", "modules/paths_internal.py", "backend/args.py",
+              "ldm_patched/modules/args_parser.py")
+
+
+def log(message: str) -> None:
+    print(f"[runner] {message}", flush=True)
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str  # for the report: "A1111 1.10.1", "Forge Neo", …
+    forge_family: bool
+    flags: frozenset[str]  # every flag the WebUI's parsers define
+    can_make_checkpoint: bool  # has the ldm package and configs/v1-inference.yaml that make_checkpoint.py uses
+    options: dict = field(default_factory=dict)  # settings the scratch config.json starts with
+
+    def cpu_flags(self) -> tuple[str, ...]:
+        """How this WebUI is told to run everything on the CPU, in full precision."""
+        if "--always-cpu" in self.flags:  # Forge, reForge, Forge Classic
+            return ("--always-cpu",)
+        if "--cpu" in self.flags:  # Forge Neo
+            return ("--cpu",)
+        return ("--use-cpu", "all", "--no-half", "--precision", "full")  # A1111
+
+    def start_flags(self) -> tuple[str, ...]:
+        """Offline start with the API on the loopback; only flags the WebUI has (Neo dropped several)."""
+        wanted = ("--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-python-version-check",
+                  "--skip-version-check", "--no-download-sd-model")
+        return (*(flag for flag in wanted if flag in self.flags), "--api", "--server-name", "127.0.0.1",
+                *self.cpu_flags())
+
+    def test_set(self) -> tuple[str, ...]:
+        """A1111 runs all of tests/webui; the Forge family the smoke and X/Y/Z sets (their X/Y/Z is their own copy)."""
+        return SMOKE_AND_XYZ if self.forge_family else ALL_TESTS
+
+
+def defined_flags(folder: Path) -> frozenset[str]:
+    found = set()
+    for name in FLAG_FILES:
+        path = folder / name
+        if path.is_file():
+            found.update(re.findall(r"add_argument\(\s*[\"'](--[a-z0-9-]+)[\"']", path.read_text(errors="replace")))
+    return frozenset(found)
+
+
+def _heading(folder: Path) -> str:
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return ""
+    for line in readme.read_text(errors="replace").splitlines():
+        text = re.sub(r"<[^>]+>|^#+", "", line).strip()
+        if text:
+            return text
+    return ""
+
+
+def a1111_version(folder: Path) -> str:
+    """The newest release in CHANGELOG.md ("## 1.10.1"), which is the release a tag's tree is."""
+    changelog = folder / "CHANGELOG.md"
+    if changelog.is_file():
+        found = re.search(r"^## (\d+\.\d+\.\d+)", changelog.read_text(errors="replace"), re.MULTILINE)
+        if found:
+            return found.group(1)
+    return "unknown version"
+
+
+def detect(folder: Path) -> Kind:
+    """The WebUI in ``folder``; raises ValueError, saying what is missing, for a folder that is not one."""
+    if not (folder / "launch.py").is_file() or not (folder / "modules" / "scripts.py").is_file():
+        raise ValueError(f"{folder} is not an A1111-family WebUI: it has no launch.py and modules/scripts.py")
+    flags = defined_flags(folder)
+    if "--data-dir" not in flags:
+        raise ValueError(f"{folder}: the WebUI has no --data-dir flag, so the runner cannot keep its files apart")
+    forge_family = (folder / "modules_forge").is_dir()
+    heading = _heading(folder)
+    if not forge_family:
+        name = f"A1111 {a1111_version(folder)}"
+    elif "Neo" in heading:
+        name = "Forge Neo"
+    elif "reForge" in heading:
+        name = "reForge"
+    elif (folder / "extensions-builtin" / "xyz").is_dir():  # Classic moved the X/Y/Z plot there
+        name = "Forge Classic"
+    else:
+        name = "Forge"
+    options = {"live_previews_enable": False} if name == "reForge" else {}  # its live preview would download a model
+    ldm = folder / "repositories" / "stable-diffusion-stability-ai" / "ldm"
+    return Kind(name, forge_family, flags, ldm.is_dir() and (folder / "configs" / "v1-inference.yaml").is_file(),
+                options)
+
+
+def commit_of(folder: Path) -> str | None:
+    """The checked-out commit when the folder is a git clone (read from .git, no git needed)."""
+    head = folder / ".git" / "HEAD"
+    if not head.is_file():
+        return None
+    ref = head.read_text().strip()
+    if not ref.startswith("ref: "):
+        return ref[:12]
+    ref_file = folder / ".git" / ref[5:]
+    if ref_file.is_file():
+        return ref_file.read_text().strip()[:12]
+    packed = folder / ".git" / "packed-refs"
+    if packed.is_file():
+        for line in packed.read_text().splitlines():
+            if line.endswith(" " + ref[5:]):
+                return line[:12]
+    return None
+
+
+def snapshot(folder: Path, skip: tuple[Path, ...] = ()) -> dict[str, tuple]:
+    """Every file under ``folder`` (links not followed) with its size and content hash, or its size and mtime when it
+    is big, so that a later snapshot shows what changed. ``skip``: folders left out (the WebUI's own venv)."""
+    skipped = {p.resolve() for p in skip}
+    state = {}
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d not in NOT_THE_USERS and (Path(root) / d).resolve() not in skipped]
+        for name in files:
+            path = Path(root) / name
+            st = path.lstat()
+            if path.is_symlink():
+                state[str(path.relative_to(folder))] = ("link", os.readlink(path))
+            elif st.st_size <= HASHED_UP_TO_BYTES:
+                state[str(path.relative_to(folder))] = (st.st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+            else:
+                state[str(path.relative_to(folder))] = (st.st_size, st.st_mtime_ns)
+    return state
+
+
+def changes(before: dict[str, tuple], after: dict[str, tuple]) -> list[str]:
+    """What differs between two snapshots, one line per file: "added x", "removed y", "changed z"."""
+    lines = [f"added {p}" for p in sorted(after.keys() - before.keys())]
+    lines += [f"removed {p}" for p in sorted(before.keys() - after.keys())]
+    lines += [f"changed {p}" for p in sorted(before.keys() & after.keys()) if before[p] != after[p]]
+    return lines
