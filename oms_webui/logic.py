@@ -1,5 +1,5 @@
-"""Decisions the A1111-family glue makes, on plain values: where OMS applies and why not, the sampler's start,
-the inpainting hand-over and offloading (what OMS reads as the prompt is read with the WebUI's own prompt parser, in
+"""Decisions the A1111-family glue makes, on plain values: where OMS applies and why not, the sampler's start
+and offloading (what OMS reads as the prompt is read with the WebUI's own prompt parser, in
 scripts/). Which module and text encoder to use is host-neutral: ``lib_oms.sources``.
 
 No WebUI imports: ``scripts/`` reads the WebUI's objects into the plain values these functions take.
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-import torch
 
 from lib_oms.step import SamplerStart, sigma_from_alpha_bar
 
@@ -131,18 +129,6 @@ def img2img_start(kind: str, *, steps: int, t_enc: int, sigmas=None, timesteps=N
     if kind == TIMESTEP:
         return SamplerStart.k_diffusion(sigma_from_alpha_bar(float(alphas_cumprod[int(timesteps[t_enc])])))
     raise ValueError(f"unknown sampler kind {kind!r}")
-
-
-def inpaint_noise(oms_noise: torch.Tensor, noise: torch.Tensor, init_latent: torch.Tensor, nmask: torch.Tensor,
-                  sigma0: float) -> torch.Tensor:
-    """The img2img noise that makes the masked area start exactly at the OMS latent.
-
-    img2img starts from ``init + σ₀·noise``; inside the mask (nmask = 1) ``init`` is 0 ("latent nothing") or unit
-    noise ("latent noise"). With ``oms_noise`` = x_VE/σ₀ (``to_sampler_noise`` of a k-diffusion start) the returned
-    noise' = noise + nmask·(oms_noise − init/σ₀ − noise) gives init + σ₀·noise' = x_VE inside the mask and leaves
-    the noise outside it unchanged (fractional soft-inpainting masks blend the two).
-    """
-    return noise + nmask * (oms_noise - init_latent / sigma0 - noise)
 
 
 # ---------------------------------------------------------------------------------------------------------------

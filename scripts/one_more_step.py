@@ -33,6 +33,7 @@ from lib_oms.sources import (
     named_module,
     resolve_text_encoder,
 )
+from lib_oms.step import inpaint_noise
 from lib_oms.step import skip_reason as start_skip_reason
 from oms_webui.args import (
     ARG_BY_NAME,
@@ -60,7 +61,6 @@ from oms_webui.logic import (
     TIMESTEP,
     Job,
     img2img_start,
-    inpaint_noise,
     job_skip_reason,
     model_skip_reason,
     offload_after_use,
