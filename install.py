@@ -3,9 +3,15 @@
 The WebUI (A1111 1.6–1.10, Forge, reForge) already ships safetensors, transformers, open-clip-torch and
 huggingface_hub: normally nothing is installed. A missing package is installed with a lower bound only, so no pin
 of the WebUI is changed.
+
+ComfyUI-Manager runs install.py too (after installing requirements.txt itself): without the WebUI's ``launch``
+module this does nothing.
 """
 
-import launch
+try:
+    import launch
+except ImportError:
+    launch = None
 
 # (distribution name, lowest version the extension works with)
 REQUIREMENTS = (
@@ -20,6 +26,6 @@ def missing() -> list[str]:
     return [f"{name}>={version}" for name, version in REQUIREMENTS if not launch.is_installed(name)]
 
 
-if not getattr(launch.args, "skip_install", False):
+if launch is not None and not getattr(launch.args, "skip_install", False):
     for requirement in missing():
         launch.run_pip(f'install "{requirement}"', f"{requirement} for One More Step")

@@ -70,6 +70,7 @@ NO_ANSWER_ERRORS = {"ConnectionError", "ConnectTimeout", "ConnectTimeoutError", 
                     "NameResolutionError", "MaxRetryError", "ReadTimeout", "Timeout", "OfflineModeIsEnabled"}
 
 Progress = Callable[[str], None]
+Counts = Callable[[int, int], None]  # bytes done, bytes in all: for a host's progress bar
 ShouldStop = Callable[[], bool]
 
 
@@ -334,8 +335,8 @@ def _describe_error(error: Exception) -> str:
 class _Meter:
     """Progress of a plan: the console bar and the caller's text, throttled."""
 
-    def __init__(self, plan: Plan, done: int, progress: Progress | None, console: bool):
-        self.plan, self.done, self.progress, self.said = plan, done, progress, 0.0
+    def __init__(self, plan: Plan, done: int, progress: Progress | None, console: bool, counts: Counts | None = None):
+        self.plan, self.done, self.progress, self.counts, self.said = plan, done, progress, counts, 0.0
         self.bar = None
         if console:
             from tqdm import tqdm
@@ -347,6 +348,8 @@ class _Meter:
         self.done += count
         if self.bar is not None:
             self.bar.update(count)
+        if self.counts is not None:
+            self.counts(self.done, self.plan.size)
         now = time.monotonic()
         if self.progress is not None and (now - self.said >= PROGRESS_EVERY_S or self.done >= self.plan.size):
             self.said = now
@@ -519,8 +522,9 @@ def _place(stage: Path, folder: Path, plan: Plan) -> None:
 
 
 def fetch(plan: Plan, *, endpoint: str | None = None, progress: Progress | None = None,
-          should_stop: ShouldStop | None = None, console: bool = True) -> Path:
-    """Download ``plan`` into its folder (see the module docstring); returns the folder."""
+          should_stop: ShouldStop | None = None, console: bool = True, counts: Counts | None = None) -> Path:
+    """Download ``plan`` into its folder (see the module docstring); returns the folder. ``counts`` is told the
+    bytes done and in all as they arrive."""
     endpoint, should_stop = endpoint or default_endpoint(), should_stop or (lambda: False)
     folder = Path(plan.folder)
     stage = folder.parent / STAGING / folder.name
@@ -529,7 +533,7 @@ def fetch(plan: Plan, *, endpoint: str | None = None, progress: Progress | None 
             return folder  # placed while this call waited for the lock
         _check_space(plan, stage)
         stage.mkdir(parents=True, exist_ok=True)
-        meter = _Meter(plan, plan.size - _remaining(plan, stage), progress, console)
+        meter = _Meter(plan, plan.size - _remaining(plan, stage), progress, console, counts)
         try:
             for file in plan.files:
                 staged = stage / file.target
@@ -580,14 +584,15 @@ def manual_text_encoder_route(models_dir: Path, endpoint: str | None = None) -> 
 
 
 def _obtain(missing: Exception, make_plan: Callable[[], Plan], manual: str, *, refused: str | None,
-            progress: Progress | None, should_stop: ShouldStop | None, endpoint: str | None) -> Path:
+            progress: Progress | None, should_stop: ShouldStop | None, endpoint: str | None,
+            counts: Counts | None = None) -> Path:
     why = refused or ("HF_HUB_OFFLINE is set" if offline() else None)
     if why is None:
         try:
             plan = make_plan()
             if progress is not None:
                 progress(f"One More Step: downloading {plan.what} ({plan.size / 2**20:.0f} MB)")
-            return fetch(plan, endpoint=endpoint, progress=progress, should_stop=should_stop)
+            return fetch(plan, endpoint=endpoint, progress=progress, should_stop=should_stop, counts=counts)
         except DownloadError as error:
             why = f"the download failed: {error}"
         except Exception as error:  # the hub client's own errors (HTTP, connection, offline mode)
@@ -597,7 +602,7 @@ def _obtain(missing: Exception, make_plan: Callable[[], Plan], manual: str, *, r
 
 def obtain_module(latent_space: str, models_dir: Path, missing: Exception, *, refused: str | None = None,
                   progress: Progress | None = None, should_stop: ShouldStop | None = None,
-                  endpoint: str | None = None) -> Path:
+                  endpoint: str | None = None, counts: Counts | None = None) -> Path:
     """The released module folder of ``latent_space``, downloaded into ``models_dir`` unless it is there.
 
     ``missing``: the error saying no module was found; re-raised (same type) with why nothing was downloaded
@@ -610,19 +615,19 @@ def obtain_module(latent_space: str, models_dir: Path, missing: Exception, *, re
         return folder
     return _obtain(missing, lambda: module_plan(latent_space, models_dir, endpoint),
                    manual_module_route(latent_space, models_dir, endpoint), refused=refused, progress=progress,
-                   should_stop=should_stop, endpoint=endpoint)
+                   should_stop=should_stop, endpoint=endpoint, counts=counts)
 
 
 def obtain_text_encoder(models_dir: Path, missing: Exception, *, refused: str | None = None,
                         progress: Progress | None = None, should_stop: ShouldStop | None = None,
-                        endpoint: str | None = None) -> Path:
+                        endpoint: str | None = None, counts: Counts | None = None) -> Path:
     """The OpenCLIP ViT-H/14 text encoder folder, downloaded into ``models_dir/text_encoder`` unless it is there."""
     folder = Path(models_dir) / TEXT_ENCODER_FOLDER
     if text_encoder_present(folder):
         return folder
     return _obtain(missing, lambda: text_encoder_plan(models_dir, endpoint)[0],
                    manual_text_encoder_route(models_dir, endpoint), refused=refused, progress=progress,
-                   should_stop=should_stop, endpoint=endpoint)
+                   should_stop=should_stop, endpoint=endpoint, counts=counts)
 
 
 # ---------------------------------------------------------------------------------------------------------------

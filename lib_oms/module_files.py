@@ -524,7 +524,7 @@ def find_modules(dirs) -> list[ModuleEntry]:
     return sorted(entries, key=lambda entry: entry.name.lower())
 
 
-def _signature(path: Path) -> tuple:
+def module_signature(path: Path) -> tuple:
     """What must be unchanged for a cached module to stay valid: stats of its files and of its sidecar."""
     files = [path, _sidecar_path(path)]
     for folder in (path, path / COMPONENT, path.parent / COMPONENT if path.name == COMPONENT else None):
@@ -549,7 +549,7 @@ class ModuleCache:
         path = Path(path)
         key = (str(path.resolve()), str(torch.device(device)), dtype)
         with self._lock:
-            signature = _signature(path)
+            signature = module_signature(path)
             cached = self._entries.get(key)
             if cached is not None and cached[0] == signature:
                 self._entries.move_to_end(key)

@@ -136,12 +136,19 @@ def sd2_checkpoints(checkpoints: Sequence[Path]) -> list[Path]:
     return found
 
 
+# What the WebUI glue searches besides the folders named in the message (hosts name their own places).
+WEBUI_ENCODER_PLACES = ("the path in Settings > One More Step, the local Hugging Face cache {hub_dir} and the WebUI's "
+                        ".safetensors checkpoints); with an SD 2.x checkpoint loaded its own encoder is used")
+
+
 def resolve_text_encoder(kind: str, family: str, *, setting_path: str, module_dirs: Sequence[Path],
-                         hub_dir: Path, checkpoints: Sequence[Path] = ()) -> EncoderSource:
+                         hub_dir: Path, checkpoints: Sequence[Path] = (),
+                         places: str = WEBUI_ENCODER_PLACES) -> EncoderSource:
     """The first available text encoder source for an encoder ``kind`` (decision 6), or TextEncoderError.
 
     openclip-h: the loaded SD2.x checkpoint's own encoder, a file/folder the user placed, a local HF cache entry, an
-    SD 2.x checkpoint among ``checkpoints``; none: TextEncoderMissingError (a download can fix it).
+    SD 2.x checkpoint among ``checkpoints``; none: TextEncoderMissingError (a download can fix it), whose message
+    names the first module folder and then ``places`` (the host's words for the rest, ``{hub_dir}`` filled in).
     sdxl-mixclip: the loaded SDXL checkpoint's own CLIP-L + bigG.
     """
     if kind == SDXL_MIXCLIP:
@@ -149,7 +156,7 @@ def resolve_text_encoder(kind: str, family: str, *, setting_path: str, module_di
             return EncoderSource("checkpoint")
         raise TextEncoderError("this OMS module reads SDXL's own text encoders: load an SDXL checkpoint")
     if kind != OPENCLIP_H:
-        raise TextEncoderError(f"the OMS module needs a {kind!r} text encoder, which the WebUI extension cannot "
+        raise TextEncoderError(f"the OMS module needs a {kind!r} text encoder, which One More Step cannot "
                                f"provide: use a module made for {OPENCLIP_H} or {SDXL_MIXCLIP}")
     if family == "sd2":
         return EncoderSource("checkpoint")
@@ -161,9 +168,7 @@ def resolve_text_encoder(kind: str, family: str, *, setting_path: str, module_di
     first_dir = module_dirs[0] if module_dirs else Path("models/oms")
     raise TextEncoderMissingError(
         "the OMS module needs the OpenCLIP ViT-H/14 text encoder of SD 2.x and none was found (searched "
-        f"{Path(first_dir) / 'text_encoder'}, the path in Settings > One More Step, the local Hugging Face cache "
-        f"{hub_dir} and the WebUI's .safetensors checkpoints); with an SD 2.x checkpoint loaded its own encoder is "
-        "used")
+        f"{Path(first_dir) / 'text_encoder'}, {places.format(hub_dir=hub_dir)}")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Precision

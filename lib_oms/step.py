@@ -103,6 +103,18 @@ def skip_reason(start: SamplerStart) -> str | None:
     return None
 
 
+def inpaint_noise(oms_noise: torch.Tensor, noise: torch.Tensor, init_latent: torch.Tensor, nmask: torch.Tensor,
+                  noise_scale: float) -> torch.Tensor:
+    """The noise that makes the masked area of an inpainting start exactly at the OMS latent.
+
+    The sampler starts from ``init + c·noise`` (c = ``noise_scale``: σ₀, or √(1 + σ₀²) with the SGM noise
+    multiplier / ComfyUI's full denoise). With ``oms_noise`` = x_VE/c (``to_sampler_noise`` of that start) the
+    returned noise' = noise + nmask·(oms_noise − init/c − noise) gives init + c·noise' = x_VE inside the mask
+    (nmask = 1) and leaves the noise outside it unchanged (fractional soft-inpainting masks blend the two).
+    """
+    return noise + nmask * (oms_noise - init_latent / noise_scale - noise)
+
+
 def to_sampler_noise(x_T: torch.Tensor, start: SamplerStart) -> torch.Tensor:
     """The unit-noise tensor that the sampler's own scaling turns into the VP latent ``x_T``.
 

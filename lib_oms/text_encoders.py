@@ -553,9 +553,10 @@ class _Encoder:
     def __init__(self, features: Callable[..., torch.Tensor], name: str):
         self.cuda_graphs = True
         self._features = features  # holds the models, not self: dropping the encoder frees its graphs at once
-        self._graphed = GraphedCall(features, self._models(), name=name, max_graphs=4)
+        self._graphed = GraphedCall(features, self.torch_models(), name=name, max_graphs=4)
 
-    def _models(self) -> list[torch.nn.Module]:
+    def torch_models(self) -> list[torch.nn.Module]:
+        """The torch modules that hold the weights (a host's memory manager counts or places them)."""
         raise NotImplementedError
 
     def token_ids(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
@@ -563,11 +564,11 @@ class _Encoder:
 
     @property
     def device(self) -> torch.device:
-        return next(self._models()[0].parameters()).device
+        return next(self.torch_models()[0].parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self._models()[0].parameters()).dtype
+        return next(self.torch_models()[0].parameters()).dtype
 
     @torch.no_grad()
     def features(self, *token_ids: torch.Tensor) -> torch.Tensor:
@@ -581,7 +582,7 @@ class _Encoder:
 
     def to(self, device=None, dtype: torch.dtype | None = None):
         """Move the weights (e.g. to the GPU for the step and back in low-VRAM mode); returns self."""
-        for model in self._models():
+        for model in self.torch_models():
             model.to(device=device, dtype=dtype)
         self._graphed.clear_if_moved()  # the captured CUDA graphs read the weights where they were
         return self
@@ -609,7 +610,7 @@ class OpenCLIPTextEncoder(_Encoder):
         self.width = model.config.hidden_size
         super().__init__(functools.partial(_openclip_features, model), "the OMS text encoder (OpenCLIP ViT-H/14)")
 
-    def _models(self) -> list[torch.nn.Module]:
+    def torch_models(self) -> list[torch.nn.Module]:
         return [self.model]
 
     def token_ids(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
@@ -634,7 +635,7 @@ class MixClipTextEncoder(_Encoder):
         super().__init__(functools.partial(_mixclip_features, clip_l, clip_g),
                          "the OMS text encoder (SDXL CLIP-L + OpenCLIP bigG)")
 
-    def _models(self) -> list[torch.nn.Module]:
+    def torch_models(self) -> list[torch.nn.Module]:
         return [self.clip_l, self.clip_g]
 
     def token_ids(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:

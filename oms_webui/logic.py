@@ -1,5 +1,5 @@
-"""Decisions the A1111-family glue makes, on plain values: where OMS applies and why not, the sampler's start,
-the inpainting hand-over and offloading (what OMS reads as the prompt is read with the WebUI's own prompt parser, in
+"""Decisions the A1111-family glue makes, on plain values: where OMS applies and why not, the sampler's start
+and offloading (what OMS reads as the prompt is read with the WebUI's own prompt parser, in
 scripts/). Which module and text encoder to use is host-neutral: ``lib_oms.sources``.
 
 No WebUI imports: ``scripts/`` reads the WebUI's objects into the plain values these functions take.
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-import torch
 
 from lib_oms.step import SamplerStart, sigma_from_alpha_bar
 
@@ -133,18 +131,6 @@ def img2img_start(kind: str, *, steps: int, t_enc: int, sigmas=None, timesteps=N
     raise ValueError(f"unknown sampler kind {kind!r}")
 
 
-def inpaint_noise(oms_noise: torch.Tensor, noise: torch.Tensor, init_latent: torch.Tensor, nmask: torch.Tensor,
-                  sigma0: float) -> torch.Tensor:
-    """The img2img noise that makes the masked area start exactly at the OMS latent.
-
-    img2img starts from ``init + σ₀·noise``; inside the mask (nmask = 1) ``init`` is 0 ("latent nothing") or unit
-    noise ("latent noise"). With ``oms_noise`` = x_VE/σ₀ (``to_sampler_noise`` of a k-diffusion start) the returned
-    noise' = noise + nmask·(oms_noise − init/σ₀ − noise) gives init + σ₀·noise' = x_VE inside the mask and leaves
-    the noise outside it unchanged (fractional soft-inpainting masks blend the two).
-    """
-    return noise + nmask * (oms_noise - init_latent / sigma0 - noise)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Memory (decision 10)
 
@@ -152,6 +138,23 @@ def inpaint_noise(oms_noise: torch.Tensor, noise: torch.Tensor, init_latent: tor
 def offload_after_use(keep_in_vram: bool, low_vram: bool, device_type: str) -> bool:
     """Move the module and text encoder back to the CPU after the step: always in low/med-VRAM mode."""
     return device_type != "cpu" and (low_vram or not keep_in_vram)
+
+
+# The states of the Forge family's memory manager (backend.memory_management / ldm_patched's model_management,
+# VRAMState) in which it keeps models off the GPU between uses: --always-low-vram / --lowvram, --always-no-vram.
+MANAGER_LOW_VRAM_STATES = ("LOW_VRAM", "NO_VRAM")
+
+
+def manager_low_vram(vram_state: str) -> bool:
+    """Whether the WebUI's memory manager, in ``vram_state`` (a VRAMState name), wants models offloaded after use."""
+    return vram_state in MANAGER_LOW_VRAM_STATES
+
+
+def room_to_ask(bytes_to_move: int, inference_bytes: int) -> int:
+    """Bytes to ask the memory manager to free before the module and text encoder go to the GPU: their weights not
+    there yet, plus the working memory it keeps for one inference (minimum_inference_memory), as it asks itself
+    before loading a model."""
+    return int(bytes_to_move) + int(inference_bytes)
 
 
 def unwrap_hijacked_keys(state_dict) -> dict:

@@ -1,14 +1,20 @@
-"""One More Step (Hu et al., CVPR 2024) in the AUTOMATIC1111 WebUI 1.6–1.10, Forge and reForge.
+"""One More Step (Hu et al., CVPR 2024) in the AUTOMATIC1111 WebUI 1.6–1.10, Forge, reForge, Forge Classic and
+Forge Neo.
 
 Thin glue: it reads the WebUI's objects into plain values for ``oms_webui.logic`` / ``oms_webui.args`` and
 hands the start noise to ``lib_oms.engine.oms_start``. The step is done in a ``p.rng`` wrapper installed by
 ``process_batch``, whose first draw (the start noise) is corrected, on every WebUI: an error raised there stops the
 generation, whereas A1111 ≥ 1.10, Forge and reForge only report errors of ``process_before_every_sampling`` and
 would go on to make an image without OMS.
+
+Every ``modules.*`` imported here exists in all of these WebUIs except ``modules.lowvram`` (A1111, Forge, reForge),
+which is reached only through ``memory_manager()`` / ``make_room()``; the Forge family's memory manager is looked up
+by what it offers, not by the WebUI's name.
 """
 
 import contextlib
 import functools
+import importlib
 import inspect
 import json
 from collections import OrderedDict
@@ -33,6 +39,7 @@ from lib_oms.sources import (
     named_module,
     resolve_text_encoder,
 )
+from lib_oms.step import inpaint_noise
 from lib_oms.step import skip_reason as start_skip_reason
 from oms_webui.args import (
     ARG_BY_NAME,
@@ -60,10 +67,11 @@ from oms_webui.logic import (
     TIMESTEP,
     Job,
     img2img_start,
-    inpaint_noise,
     job_skip_reason,
+    manager_low_vram,
     model_skip_reason,
     offload_after_use,
+    room_to_ask,
     txt2img_start,
     untouched_passes,
     unwrap_hijacked_keys,
@@ -358,7 +366,7 @@ def prepare(p, args: OMSArgs) -> Plan:
         return plan
     latent_space = LATENT_SPACE_OF_FAMILY[family]
     plan.device, dtype = device_and_dtype()
-    plan.low_vram = bool(getattr(sd_model, "lowvram", False))
+    plan.low_vram = low_vram_mode(sd_model)
     plan.offload = offload_after_use(option("oms_keep_in_vram", True), plan.low_vram, plan.device.type)
     home = torch.device("cpu") if plan.offload else plan.device  # where the module waits between steps
     entry = found_or_downloaded(
@@ -393,13 +401,57 @@ def prepare(p, args: OMSArgs) -> Plan:
     return plan
 
 
+def memory_manager():
+    """The Forge family's memory manager, which places every model on the GPU itself (Forge and Forge Neo:
+    ``backend.memory_management``; reForge and Forge Classic: ``ldm_patched.modules.model_management``), or None
+    (A1111, whose --lowvram / --medvram is ``modules.lowvram``)."""
+    for name in ("backend.memory_management", "ldm_patched.modules.model_management"):
+        try:
+            manager = importlib.import_module(name)
+        except ImportError:
+            continue
+        if callable(getattr(manager, "free_memory", None)) and hasattr(manager, "vram_state"):
+            return manager
+    return None
+
+
+def low_vram_mode(sd_model) -> bool:
+    """A1111's --lowvram / --medvram (set on the model by modules.lowvram), or the Forge family's manager in a
+    low-VRAM state: then the module and text encoder leave the GPU after the step."""
+    if getattr(sd_model, "lowvram", False):
+        return True
+    manager = memory_manager()
+    return manager is not None and manager_low_vram(getattr(manager.vram_state, "name", str(manager.vram_state)))
+
+
+def bytes_off(device: torch.device, models) -> int:
+    """Bytes of the models' weights that are not on ``device`` yet."""
+    return sum(t.numel() * t.element_size() for model in models for t in (*model.parameters(), *model.buffers())
+               if t.device.type != device.type)
+
+
+def make_room(plan: Plan) -> None:
+    """Room on the GPU for the module and text encoder: the Forge family's manager frees what they need as it does
+    for its own models (and unloads everything in its no-VRAM state); on A1111 in low-VRAM mode the WebUI's model
+    goes to the CPU first (modules.lowvram)."""
+    if plan.device.type == "cpu":
+        return
+    manager = memory_manager()
+    if manager is not None:
+        models = [plan.module.unet, *plan.encoder.encoder.torch_models()]
+        inference = manager.minimum_inference_memory() if hasattr(manager, "minimum_inference_memory") else 0
+        manager.free_memory(room_to_ask(bytes_off(plan.device, models), inference), plan.device)
+    elif plan.low_vram:
+        importlib.import_module("modules.lowvram").send_everything_to_cpu()
+
+
 @contextlib.contextmanager
 def on_device(plan: Plan):
-    """The module and text encoder on the OMS device for the step; in low-VRAM mode the WebUI's model leaves first."""
-    from modules import devices, lowvram
+    """The module and text encoder on the OMS device for the step, after ``make_room``; offloaded afterwards in
+    low-VRAM mode or when they are not kept in VRAM."""
+    from modules import devices
 
-    if plan.low_vram:
-        lowvram.send_everything_to_cpu()
+    make_room(plan)
     plan.module.to(plan.device)
     plan.encoder.encoder.to(plan.device)
     try:
@@ -663,8 +715,22 @@ class AlwaysonArgsCheck:
         await self.app(scope, replay, send)
 
 
+def add_middleware(app, middleware) -> None:
+    """``app.add_middleware`` once the app serves requests, on every Starlette the WebUIs ship. Starlette ≤ 0.2x
+    (A1111: 0.26) rebuilds its middleware stack there; later ones (Forge Neo: 0.50) refuse ("Cannot add middleware
+    after an application has started") and build the stack from ``user_middleware`` when it is None, which the next
+    request then does with this one in it."""
+    try:
+        app.add_middleware(middleware)
+    except RuntimeError:
+        from starlette.middleware import Middleware
+
+        app.user_middleware.insert(0, Middleware(middleware))
+        app.middleware_stack = None
+
+
 def on_app_started(_demo, app) -> None:
-    app.add_middleware(AlwaysonArgsCheck)
+    add_middleware(app, AlwaysonArgsCheck)
 
 
 def set_xyz_value(p, x, xs, *, name):

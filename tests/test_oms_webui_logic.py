@@ -17,7 +17,7 @@ from lib_oms.sources import (
     sd2_checkpoints,
 )
 from lib_oms.step import K_DIFFUSION as STEP_K_DIFFUSION
-from lib_oms.step import SamplerStart, skip_reason, to_sampler_noise
+from lib_oms.step import SamplerStart, inpaint_noise, skip_reason, to_sampler_noise
 from oms_webui.logic import (
     INPAINT_FILL_LATENT_NOISE,
     INPAINT_FILL_LATENT_NOTHING,
@@ -25,7 +25,6 @@ from oms_webui.logic import (
     TIMESTEP,
     Job,
     img2img_start,
-    inpaint_noise,
     job_skip_reason,
     model_skip_reason,
     offload_after_use,

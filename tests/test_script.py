@@ -25,6 +25,7 @@ from tests.factories import (
 from tests.fake_hub import FakeHub
 from tests.hub_fixtures import populate
 from tests.webui_fakes import (
+    FAMILIES,
     ROOT,
     SIGMA_MAX,
     CompVisSampler,
@@ -57,6 +58,9 @@ class HashEncoder:
 
     def to(self, device=None, dtype=None):
         return self
+
+    def torch_models(self):
+        return []  # no weights
 
     def encode(self, prompts):
         self.calls.append(list(prompts))
@@ -847,29 +851,9 @@ def test_checkpoint_encoders_are_kept_per_checkpoint_and_bounded(webui, tmp_path
     assert len(webui.script_module.ENCODER_CACHE) == 2
 
 
-def api_call(webui, path, body: bytes):
-    """The WebUI's app with the middleware the script adds when the app starts, in front of an endpoint that
-    reads the whole body; the body arrives in two chunks. Returns (status, response JSON, bodies the endpoint got)."""
+def asgi_post(app, path, body: bytes):
+    """POST ``body`` to an ASGI app in two chunks, as a server hands it on. Returns (status, response bytes)."""
     import asyncio
-    import json
-
-    added = []
-    app = types.SimpleNamespace(add_middleware=added.append)
-    for callback in webui.modules["script_callbacks"].registered["app_started"]:
-        callback(None, app)
-    (middleware,) = added
-    got = []
-
-    async def endpoint(scope, receive, send):
-        data = b""
-        while True:
-            message = await receive()
-            data += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        got.append(data)
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
 
     half = len(body) // 2
     incoming = [{"type": "http.request", "body": body[:half], "more_body": True},
@@ -877,34 +861,145 @@ def api_call(webui, path, body: bytes):
     sent = []
 
     async def receive():
-        return incoming.pop(0)
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
 
     async def send(message):
         sent.append(message)
 
-    asyncio.run(middleware(endpoint)({"type": "http", "method": "POST", "path": path}, receive, send))
-    return sent[0]["status"], json.loads(sent[1]["body"]), got
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")], "server": ("127.0.0.1", 7860),
+             "client": ("127.0.0.1", 50000)}
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def started_app(webui):
+    """A Starlette app of the WebUI's API paths that has already served a request (gradio's launch asks it before
+    the WebUI calls on_app_started), with the extension's app_started callbacks then run, as the WebUI runs them.
+    Returns (app, bodies each endpoint got)."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    got = []
+
+    async def endpoint(request):
+        got.append(await request.body())
+        return JSONResponse({})
+
+    paths = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/options")
+    app = Starlette(routes=[Route(path, endpoint, methods=["POST"]) for path in paths])
+    assert asgi_post(app, "/sdapi/v1/options", b"{}")[0] == 200
+    for callback in webui.modules["script_callbacks"].registered["app_started"]:
+        callback(None, app)
+    got.clear()
+    return app, got
 
 
 def test_alwayson_args_given_as_an_object_answer_422(webui):
     """The WebUI's API indexes "args" by position (modules/api/api.py init_script_args): an object crashed it with
-    KeyError: 0."""
+    KeyError: 0. The check is added after the app has started, which Starlette ≥ 0.28 refuses to add_middleware
+    (Forge Neo's 0.50 raised at start-up and the check was lost): run on the test stack's Starlette (0.26.1 as in
+    A1111, 0.50.0 as in Forge Neo on requirements-test-neo.txt)."""
     import json
 
+    app, got = started_app(webui)
     bad = json.dumps({"prompt": "x", "alwayson_scripts": {"One More Step": {"args": {"enabled": True}}}}).encode()
-    status, answer, got = api_call(webui, "/sdapi/v1/txt2img", bad)
-    assert status == 422 and "must be a list" in answer["detail"] and got == []
+    status, answer = asgi_post(app, "/sdapi/v1/txt2img", bad)
+    assert status == 422 and "must be a list" in json.loads(answer)["detail"] and got == []
     good = json.dumps({"prompt": "x", "alwayson_scripts": {"One More Step": {"args": [{"enabled": True}]}}}).encode()
     for path, body in (("/sdapi/v1/img2img", good), ("/sdapi/v1/options", bad)):
-        status, _answer, got = api_call(webui, path, body)
-        assert status == 200 and got == [body]  # handed on as it came
+        status, _answer = asgi_post(app, path, body)
+        assert status == 200 and got[-1] == body  # handed on as it came
 
 
-def test_low_vram_sends_the_webui_model_away_first(webui):
-    model = FakeSDModel()
-    model.lowvram = True
-    webui.run(txt2img(sd_model=model), ON)
-    assert webui.modules["lowvram"].calls == [1]
+@pytest.mark.parametrize("refuses", [False, True])
+def test_the_check_is_added_whether_the_app_rebuilds_its_stack_or_refuses(webui, refuses):
+    """Both Starlette behaviours of a late add_middleware, whichever the installed Starlette has: rebuild at once
+    (≤ 0.2x), or refuse, after which the stack is rebuilt from user_middleware at the next request."""
+    from starlette.middleware import Middleware
+
+    class App:
+        def __init__(self):
+            self.user_middleware, self.middleware_stack, self.added = [], object(), []
+
+        def add_middleware(self, cls):
+            if refuses:
+                raise RuntimeError("Cannot add middleware after an application has started")
+            self.added.append(cls)
+
+    app = App()
+    webui.script_module.on_app_started(None, app)
+    check = webui.script_module.AlwaysonArgsCheck
+    if refuses:
+        (entry,) = app.user_middleware
+        assert isinstance(entry, Middleware) and entry.cls is check and app.middleware_stack is None
+    else:
+        assert app.added == [check] and app.user_middleware == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The WebUI families (webui_fakes.FAMILIES): what each has, and the Forge family's memory manager
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_oms_works_on_every_webui_family(monkeypatch, oms_dir, family):
+    """Forge Classic and Forge Neo have no modules.lowvram: every OMS generation failed there with ImportError."""
+    webui = make_webui(monkeypatch, oms_dir, family=family)
+    assert ("lowvram" in webui.modules) == FAMILIES[family].has_lowvram
+    p = txt2img(seeds=[5])
+    start = webui.run(p, ON)[0]
+    x0 = expected_x0(oms_dir, "oms_tiny_15_21", unit_noise([5]), ["a dark alley"])
+    assert webui.errors == [] and torch.allclose(start, x0 + SIGMA_MAX * fresh_z([5]), atol=1e-4)
+    assert "OMS" in p.extra_generation_params
+    manager = webui.memory_manager
+    assert (manager is None) == (FAMILIES[family].manager is None)
+    assert webui.script_module.memory_manager() is manager
+    if manager is not None:
+        assert manager.freed == []  # on the CPU there is no room to make
+
+
+FORGE_FAMILY = [name for name, family in FAMILIES.items() if family.manager]
+
+
+@pytest.mark.parametrize("family", FORGE_FAMILY)
+@pytest.mark.parametrize("state, low", [("NORMAL_VRAM", False), ("HIGH_VRAM", False), ("LOW_VRAM", True),
+                                        ("NO_VRAM", True)])
+def test_forge_low_vram_states_offload_after_the_step(monkeypatch, oms_dir, family, state, low):
+    webui = make_webui(monkeypatch, oms_dir, family=family)
+    manager = webui.memory_manager
+    manager.vram_state = manager.VRAMState[state]
+    sd_model = FakeSDModel()
+    del sd_model.lowvram  # the Forge family's model has no A1111 lowvram flag
+    plan = webui.script_module.prepare(txt2img(sd_model=sd_model), webui.script_module.parse_script_args(ON))
+    assert plan.low_vram == low
+    assert webui.script_module.offload_after_use(True, plan.low_vram, "cuda") == low
+
+
+def gpu_plan(webui, oms_dir, low_vram=False):
+    """A plan prepared on the CPU, then pointed at a GPU: make_room only reads where the weights are."""
+    plan = webui.script_module.prepare(txt2img(), webui.script_module.parse_script_args(ON))
+    plan.device, plan.low_vram = torch.device("cuda"), low_vram
+    return plan
+
+
+@pytest.mark.parametrize("family", FORGE_FAMILY)
+def test_forge_manager_is_asked_for_the_weights_and_inference_room(monkeypatch, oms_dir, family):
+    webui = make_webui(monkeypatch, oms_dir, family=family)
+    plan = gpu_plan(webui, oms_dir)
+    weights = sum(t.numel() * t.element_size() for t in plan.module.unet.parameters())
+    weights += sum(t.numel() * t.element_size() for t in plan.module.unet.buffers())
+    webui.script_module.make_room(plan)
+    assert webui.memory_manager.freed == [(weights + 1024**3, torch.device("cuda"))]
+    assert "lowvram" not in webui.modules or webui.modules["lowvram"].calls == []
+
+
+@pytest.mark.parametrize("low_vram, sent", [(True, [1]), (False, [])])
+def test_a1111_low_vram_sends_its_model_away_and_has_no_manager(monkeypatch, oms_dir, low_vram, sent):
+    webui = make_webui(monkeypatch, oms_dir, family="a1111")
+    plan = gpu_plan(webui, oms_dir, low_vram=low_vram)
+    webui.script_module.make_room(plan)
+    assert webui.modules["lowvram"].calls == sent and webui.memory_manager is None
 
 
 def test_dict_and_positional_api_forms_agree(webui):

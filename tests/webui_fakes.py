@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import csv
+import enum
+import importlib.machinery
 import importlib.util
 import io
 import re
@@ -70,6 +72,8 @@ class HTTPException(Exception):
 def make_fastapi():
     fastapi = types.ModuleType("fastapi")
     fastapi.__path__ = []
+    # a spec as an imported module has: transformers, first imported while this fake is in place, looks it up
+    fastapi.__spec__ = importlib.machinery.ModuleSpec("fastapi", None, is_package=True)
     exceptions = types.ModuleType("fastapi.exceptions")
     exceptions.HTTPException = fastapi.HTTPException = HTTPException
     fastapi.exceptions = exceptions
@@ -428,12 +432,76 @@ class Script:
         return f"script_oms_{item_id}"
 
 
-def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None):
-    """The fake ``modules`` package; returns (package, {name: submodule})."""
-    subs = {name: types.ModuleType(f"modules.{name}") for name in (
-        "scripts", "script_callbacks", "shared", "paths", "processing", "rng", "devices", "lowvram", "sd_models",
-        "sd_samplers_kdiffusion", "sd_samplers_timesteps", "sd_samplers_common", "ui_components", "ui_common",
-        "prompt_parser", "extra_networks")}
+# ---------------------------------------------------------------------------------------------------------------
+# The WebUI families: which of the modules the extension reads each one has, and the Forge family's memory manager.
+# Checked against A1111 1.10.1, Forge Classic 1f95d71 and Forge Neo v3.5 (exo101/sd-webui-forge-neo-v3 f95f632):
+# every module in make_modules exists in all three except modules.lowvram (A1111, Forge, reForge only).
+
+@dataclass(frozen=True)
+class Family:
+    has_lowvram: bool  # modules.lowvram (A1111's --lowvram / --medvram)
+    manager: str | None  # the module path of the WebUI's own memory manager
+
+
+FAMILIES = {
+    "a1111": Family(has_lowvram=True, manager=None),
+    "forge": Family(has_lowvram=True, manager="backend.memory_management"),
+    "reforge": Family(has_lowvram=True, manager="ldm_patched.modules.model_management"),
+    "forge-classic": Family(has_lowvram=False, manager="ldm_patched.modules.model_management"),
+    "forge-neo": Family(has_lowvram=False, manager="backend.memory_management"),
+}
+
+
+class VRAMState(enum.Enum):
+    """The memory manager's VRAMState (the same members in Forge Classic's ldm_patched and Forge Neo's backend)."""
+
+    DISABLED = 0
+    NO_VRAM = 1
+    LOW_VRAM = 2
+    NORMAL_VRAM = 3
+    HIGH_VRAM = 4
+    SHARED = 5
+
+
+def make_memory_manager(name: str) -> types.ModuleType:
+    """The Forge family's memory manager as far as the extension calls it: ``vram_state``, ``free_memory(
+    memory_required, device, keep_loaded=[])`` (recorded in ``.freed``) and ``minimum_inference_memory()`` (1 GiB,
+    Forge Classic's figure)."""
+    manager = types.ModuleType(name)
+    manager.VRAMState = VRAMState
+    manager.vram_state = VRAMState.NORMAL_VRAM
+    manager.freed = []
+    manager.free_memory = lambda memory_required, device, keep_loaded=(): manager.freed.append(
+        (memory_required, torch.device(device)))
+    manager.minimum_inference_memory = lambda: 1024**3
+    return manager
+
+
+def host_modules(family: str) -> dict[str, types.ModuleType]:
+    """The packages of the family's memory manager, for ``sys.modules`` (empty for A1111)."""
+    path = FAMILIES[family].manager
+    if path is None:
+        return {}
+    parts = path.split(".")
+    modules = {}
+    for i in range(1, len(parts)):
+        package = types.ModuleType(".".join(parts[:i]))
+        package.__path__ = []
+        modules[package.__name__] = package
+    modules[path] = make_memory_manager(path)
+    for name, module in modules.items():
+        if "." in name:
+            parent, child = name.rsplit(".", 1)
+            setattr(modules[parent], child, module)
+    return modules
+
+
+def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None, family: str = "a1111"):
+    """The fake ``modules`` package of a WebUI ``family`` (FAMILIES); returns (package, {name: submodule})."""
+    names = ["scripts", "script_callbacks", "shared", "paths", "processing", "rng", "devices", "sd_models",
+             "sd_samplers_kdiffusion", "sd_samplers_timesteps", "sd_samplers_common", "ui_components", "ui_common",
+             "prompt_parser", "extra_networks"] + (["lowvram"] if FAMILIES[family].has_lowvram else [])
+    subs = {name: types.ModuleType(f"modules.{name}") for name in names}
     base = type("Script", (Script,), {})
     if with_hook:
         base.process_before_every_sampling = lambda self, p, *args, **kwargs: None
@@ -465,8 +533,9 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
     devices.get_device_for = lambda task: torch.device("cpu")
     devices.gc_calls = []
     devices.torch_gc = lambda: devices.gc_calls.append(1)
-    subs["lowvram"].calls = []
-    subs["lowvram"].send_everything_to_cpu = lambda: subs["lowvram"].calls.append(1)
+    if "lowvram" in subs:
+        subs["lowvram"].calls = []
+        subs["lowvram"].send_everything_to_cpu = lambda: subs["lowvram"].calls.append(1)
     subs["sd_samplers_kdiffusion"].KDiffusionSampler = KDiffusionSampler
     subs["sd_samplers_timesteps"].CompVisSampler = CompVisSampler
     subs["sd_samplers_common"].setup_img2img_steps = setup_img2img_steps
@@ -490,6 +559,7 @@ class WebUI:
     script_module: types.ModuleType
     errors: list = field(default_factory=list)  # what ScriptRunner would have reported (and swallowed)
     infotexts: list = field(default_factory=list)  # each image's generation parameters from the script, in order
+    memory_manager: types.ModuleType | None = None  # the Forge family's (make_memory_manager)
 
     @property
     def opts(self):
@@ -587,10 +657,14 @@ def add_xyz_script(webui: WebUI) -> types.SimpleNamespace:
     return module
 
 
-def install(monkeypatch, models_path: Path, *, with_hook: bool = True, opts: dict | None = None) -> WebUI:
-    """Inject fake gradio and ``modules`` (``models_path``: the WebUI's models folder) and import the script file
-    fresh, as the WebUI loads it."""
-    package, subs = make_modules(models_path, with_hook=with_hook, opts=opts)
+def install(monkeypatch, models_path: Path, *, with_hook: bool = True, opts: dict | None = None,
+            family: str = "a1111") -> WebUI:
+    """Inject fake gradio and ``modules`` of a WebUI ``family`` (``models_path``: the WebUI's models folder) and
+    import the script file fresh, as the WebUI loads it."""
+    package, subs = make_modules(models_path, with_hook=with_hook, opts=opts, family=family)
+    host = host_modules(family)
+    for name, module in host.items():
+        monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setitem(sys.modules, "gradio", make_gradio())
     for name, module in make_fastapi().items():
         monkeypatch.setitem(sys.modules, name, module)
@@ -601,4 +675,4 @@ def install(monkeypatch, models_path: Path, *, with_hook: bool = True, opts: dic
     spec = importlib.util.spec_from_file_location("one_more_step.py", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return WebUI(subs, module)
+    return WebUI(subs, module, memory_manager=host.get(FAMILIES[family].manager))

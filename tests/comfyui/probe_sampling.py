@@ -1,0 +1,174 @@
+"""Runs in a real ComfyUI's Python (test_comfyui.py starts it): samples with a tiny random SD 1.5-shaped model through
+ComfyUI's own KSampler and SamplerCustomAdvanced, with and without the One More Step nodes, and writes as JSON, per
+case, the largest difference between the x the sampler's first model call gets and the start expected.
+
+    COMFYUI_PYTHON tests/comfyui/probe_sampling.py COMFYUI_PATH WORK_DIR OUT_JSON
+
+WORK_DIR becomes ComfyUI's --base-directory (its models/oms gets tiny OMS files); nothing of COMFYUI_PATH changes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+COMFYUI, WORK, OUT = (Path(arg) for arg in sys.argv[1:4])
+REPO = Path(__file__).resolve().parents[2]
+sys.argv = ["main.py", "--cpu", "--base-directory", str(WORK)]
+sys.path[:0] = [str(COMFYUI), str(REPO), str(REPO / "tests")]
+
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing()
+
+import comfy.model_management as mm  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+import comfy.supported_models  # noqa: E402
+import nodes as comfy_nodes  # noqa: E402
+import torch  # noqa: E402
+from comfy_extras import nodes_custom_sampler  # noqa: E402
+from comfyui_assets import MODULE, tiny_encoder_loader, write_oms_folder  # noqa: E402
+
+from lib_oms import text_encoders  # noqa: E402
+from lib_oms.engine import Z_SEED_OFFSET  # noqa: E402
+from lib_oms.module_files import load_module  # noqa: E402
+
+text_encoders.load_openclip_text_encoder = tiny_encoder_loader()  # the tiny architecture of the test files
+oms = write_oms_folder(WORK / "models" / "oms")
+from oms_comfyui import nodes  # noqa: E402
+
+PROMPT, SEED = "a dark room at night", 7
+TINY_UNET = {"in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1], "channel_mult": [1],
+             "transformer_depth": [1], "transformer_depth_output": [1, 1], "transformer_depth_middle": 1,
+             "context_dim": 32, "use_linear_in_transformer": False, "adm_in_channels": None,
+             "use_temporal_attention": False, "use_spatial_transformer": True, "legacy": False, "image_size": 32}
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    config = comfy.supported_models.SD15(dict(TINY_UNET))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    with torch.no_grad():
+        for parameter in model.diffusion_model.parameters():  # ComfyUI's layers start uninitialised
+            parameter.copy_(torch.randn_like(parameter) * 0.05)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def watched(model, seen: list):
+    """The model with a unet wrapper that keeps the input x and σ of every model call."""
+    model = model.clone()
+
+    def wrapper(apply_model, args):
+        seen.append((args["input"].detach().clone(), float(args["timestep"].flatten()[0])))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model.set_model_unet_function_wrapper(wrapper)
+    return model
+
+
+def oms_patched(model):
+    loader = nodes.OMSLoader.execute("Automatic", "Automatic", "penultimate", "Automatic", False).args[0]
+    return nodes.OneMoreStep.execute(model, loader, PROMPT, "", 1.0, "SDE").args[0], loader
+
+
+def latent(kind: str) -> dict:
+    shape = (2, 4, 8, 8)
+    if kind == "empty":
+        return {"samples": torch.zeros(shape)}
+    image = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    if kind == "image":
+        return {"samples": image}
+    mask = torch.zeros(2, 64, 64)
+    mask[:, :, :32] = 1
+    return {"samples": image, "noise_mask": mask}
+
+
+def positive():
+    return [[torch.zeros(1, 77, 32), {}]]
+
+
+def ksampler(model, case, lat):
+    return comfy_nodes.common_ksampler(model, SEED, case["steps"], 1.0, case["sampler"], case["scheduler"],
+                                       positive(), positive(), lat, denoise=case.get("denoise", 1.0))
+
+
+def custom_advanced(model, case, lat, noise=None):
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive(), positive())
+    guider.set_cfg(1.0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), case["scheduler"],
+                                             case["steps"])
+    if noise is not None:
+        noise = noise(sigmas)
+    noise = noise or nodes_custom_sampler.Noise_RandomNoise(SEED)
+    return nodes_custom_sampler.SamplerCustomAdvanced.execute(noise, guider, comfy.samplers.sampler_object(
+        case["sampler"]), sigmas, lat)
+
+
+def first_x(run, model, case) -> tuple[torch.Tensor, float]:
+    seen = []
+    run(watched(model, seen), case, latent(case["latent"]))
+    return seen[0]
+
+
+def expected_oms(x_T_prime: torch.Tensor, sigma0: float) -> torch.Tensor:
+    """x̂0 + σ₀·z, from the files: the k-diffusion start of the SDE solver."""
+    module, encoder = load_module(oms / MODULE), text_encoders.load_openclip_text_encoder(oms / "text_encoder")
+    with torch.no_grad():
+        x0_hat = -module.forward(x_T_prime, encoder.encode([PROMPT] * len(x_T_prime)))
+    return x0_hat + sigma0 * comfy.sample.prepare_noise(x_T_prime, SEED + Z_SEED_OFFSET)
+
+
+CASES = {
+    "ksampler euler normal": {"sampler": "euler", "scheduler": "normal", "steps": 3},
+    "ksampler dpmpp_2m karras": {"sampler": "dpmpp_2m", "scheduler": "karras", "steps": 3},
+    "ksampler ddim ddim_uniform": {"sampler": "ddim", "scheduler": "ddim_uniform", "steps": 20},
+    "ksampler uni_pc normal": {"sampler": "uni_pc", "scheduler": "normal", "steps": 3},
+    "ksampler lcm sgm_uniform": {"sampler": "lcm", "scheduler": "sgm_uniform", "steps": 3},
+    "ksampler euler inpainting": {"sampler": "euler", "scheduler": "normal", "steps": 3, "latent": "inpaint"},
+    "ksampler denoise 0.6 image": {"sampler": "euler", "scheduler": "normal", "steps": 3, "denoise": 0.6,
+                                   "latent": "image", "skipped": True},
+    "ksampler denoise 0.6 inpainting": {"sampler": "euler", "scheduler": "normal", "steps": 3, "denoise": 0.6,
+                                        "latent": "inpaint", "skipped": True},
+    "custom advanced euler": {"sampler": "euler", "scheduler": "normal", "steps": 3, "run": "custom"},
+    "custom advanced OMS noise": {"sampler": "dpmpp_2m", "scheduler": "karras", "steps": 3, "run": "noise"},
+}
+
+
+def probe(name: str, case: dict) -> dict:
+    case = {"latent": "empty", **case}
+    plain = tiny_model()
+    patched, loader = oms_patched(plain)
+    if case.get("run") == "noise":
+        def with_noise(model, case, lat):
+            def make(sigmas):
+                return nodes.OMSNoiseNode.execute(nodes_custom_sampler.Noise_RandomNoise(SEED), plain, sigmas, loader,
+                                                  PROMPT, "", 1.0, "SDE").args[0]
+            return custom_advanced(model, case, lat, make)
+        run, model = with_noise, plain
+    else:
+        run = custom_advanced if case.get("run") == "custom" else ksampler
+        model = patched
+    x, sigma0 = first_x(run, model, case)
+    x_plain, _ = first_x(custom_advanced if case.get("run") else ksampler, plain, case)
+    if case.get("skipped"):
+        return {"diff": float((x - x_plain).abs().max()), "sigma0": sigma0}
+    noise = comfy.sample.prepare_noise(latent(case["latent"])["samples"], SEED)
+    want = expected_oms(noise, sigma0)
+    inside = slice(None)
+    if case["latent"] == "inpaint":
+        inside = torch.zeros(x.shape, dtype=torch.bool)
+        inside[..., :4] = True
+        outside = float((x[~inside] - x_plain[~inside]).abs().max())
+        return {"diff": float((x[inside] - want[inside]).abs().max()), "outside": outside, "sigma0": sigma0}
+    return {"diff": float((x[inside] - want[inside]).abs().max()), "scale": float(want.abs().max()),
+            "sigma0": sigma0}
+
+
+if __name__ == "__main__":
+    OUT.write_text(json.dumps({name: probe(name, case) for name, case in CASES.items()}, indent=1))
