@@ -17,6 +17,11 @@ What makes it safe on every setup:
   are shared by every caller.
 - A capture that fails (ROCm or ZLUDA builds, drivers, out of memory during capture) is said once in the console
   and that call site runs eagerly from then on; errors of the eager call itself are not caught.
+- A capture that succeeds but replays wrong numbers (a stale buffer, a kernel reading outside the captured pool, a
+  build that mis-replays) would give plausible images that are not OMS's: the first replay of every graph is
+  compared with the eager call made on the same inputs just before the capture (``replay_mismatch``). A mismatch is
+  said once with the measured difference, the caller gets the eager result, and that call site runs eagerly from
+  then on.
 - The graphs of one call site share one memory pool (safe: they never run at the same time and each output is
   copied out at once), which keeps its activation memory; ``torch.cuda.empty_cache`` cannot return it while the
   graphs live. They are dropped, and the pool freed, when the weights move, by ``clear()``, and with their owner:
@@ -40,6 +45,31 @@ CAPTURE_ERROR_MODE = "thread_local"
 # torch.cuda.graph gained capture_error_mode in torch 2.1 (the WebUI 1.6/1.7 ship torch 2.0.1)
 CAPTURE_MODE_SUPPORTED = "capture_error_mode" in inspect.signature(torch.cuda.graph.__init__).parameters
 _LOCK = threading.RLock()
+# A replay runs the captured kernels on the same inputs, so it matches the eager call up to the rounding of a few
+# differently ordered reductions: allowed, this many units of the dtype's rounding at the output's largest value.
+REPLAY_TOLERANCE_ULPS = 8
+
+
+def replay_tolerance(eager: torch.Tensor) -> float:
+    """The largest difference allowed between a graph's first replay and the eager call: REPLAY_TOLERANCE_ULPS
+    roundings (machine epsilon of the output's dtype: 9.8e-4 for fp16, 1.2e-7 for fp32) at its largest magnitude."""
+    scale = max(float(eager.abs().max()), 1.0) if eager.numel() else 1.0
+    return REPLAY_TOLERANCE_ULPS * torch.finfo(eager.dtype).eps * scale
+
+
+def replay_mismatch(replayed: torch.Tensor, eager: torch.Tensor) -> str | None:
+    """Why a graph's first replay is not the eager result for the same inputs (shape, non-finite values where the
+    eager ones are finite, a difference above ``replay_tolerance``), or None when it is."""
+    if replayed.shape != eager.shape or replayed.dtype != eager.dtype:
+        return (f"the replay gave {tuple(replayed.shape)} {replayed.dtype}, the eager call {tuple(eager.shape)} "
+                f"{eager.dtype}")
+    difference = (replayed.float() - eager.float()).abs()
+    difference = torch.where(torch.isfinite(eager) & ~torch.isfinite(replayed), torch.inf,
+                             torch.nan_to_num(difference, nan=0.0))
+    largest, tolerance = float(difference.max()) if difference.numel() else 0.0, replay_tolerance(eager)
+    if largest > tolerance:
+        return f"its first replay differs from the eager call by up to {largest:.3g} (tolerance {tolerance:.3g})"
+    return None
 
 
 @dataclass
@@ -47,6 +77,7 @@ class _Captured:
     graph: torch.cuda.CUDAGraph
     inputs: tuple[torch.Tensor, ...]
     output: torch.Tensor
+    eager: torch.Tensor | None  # the eager output for ``inputs``, until the first replay is checked against it
 
 
 class GraphedCall:
@@ -89,8 +120,8 @@ class GraphedCall:
 
     def _fail(self, why: str) -> None:
         self.failure = why
-        LOG.warning(f"One More Step: {self.name} runs without CUDA graphs from now on ({why}); results are the same, "
-                    "only slower")
+        LOG.warning(f"One More Step: {self.name} runs without CUDA graphs from now on ({why}); its results are "
+                    "the plain network's, only slower")
 
     def _capture(self, inputs: Sequence[torch.Tensor]) -> _Captured | None:
         device = inputs[0].device
@@ -100,7 +131,7 @@ class GraphedCall:
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):  # one eager call first: lets cuBLAS/cuDNN set up outside the graph
-            self.fn(*static)
+            eager = self.fn(*static)  # and is what the first replay must give
         caller_stream = torch.cuda.current_stream(device)
         caller_stream.wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
@@ -113,7 +144,7 @@ class GraphedCall:
             return None
         if self._pool is None:
             self._pool = graph.pool()
-        return _Captured(graph, static, output)
+        return _Captured(graph, static, output, eager)
 
     @torch.no_grad()
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -142,4 +173,11 @@ class GraphedCall:
                 for static, x in zip(captured.inputs, inputs, strict=True):
                     static.copy_(x)
             captured.graph.replay()
+            if captured.eager is not None:
+                eager, captured.eager = captured.eager, None
+                mismatch = replay_mismatch(captured.output, eager)
+                if mismatch is not None:
+                    self.clear()
+                    self._fail(mismatch)
+                    return eager
             return captured.output.clone()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lib_oms import cuda_graphs
-from lib_oms.cuda_graphs import GraphedCall
+from lib_oms.cuda_graphs import GraphedCall, replay_mismatch, replay_tolerance
 from lib_oms.engine import oms_start, predict_v
 from lib_oms.module_files import ModuleCache, load_module
 from lib_oms.step import SamplerStart
@@ -45,15 +45,16 @@ class FakeGraph:
         self.cuda.seen.append(("replay", self.cuda.current))
         with self.cuda.count_active():
             for fn, args, out in self.recorded:
-                out.copy_(fn(*args))
+                out.copy_(self.cuda.mis_replay(fn(*args)))
         self.replays += 1
 
 
 class FakeCuda:
-    def __init__(self, fail_capture: Exception | None = None, replay_delay: float = 0.0):
+    def __init__(self, fail_capture: Exception | None = None, replay_delay: float = 0.0, mis_replay=None):
         self.current = "cuda:0"  # what torch.cuda.current_device() would say: the WebUI never changes it
         self.capturing: FakeGraph | None = None
         self.fail_capture, self.replay_delay = fail_capture, replay_delay
+        self.mis_replay = mis_replay or (lambda out: out)  # what a replay writes instead of the right output
         self.seen, self.graphs, self.captures = [], [], []
         self.active = self.max_active = 0
         self._lock = threading.Lock()
@@ -116,6 +117,8 @@ class FakeCuda:
             yield
         finally:
             self.capturing = None
+        for _fn, _args, out in graph.recorded:  # a capture runs no kernel: its outputs hold whatever was there
+            out.fill_(float("nan"))
 
     def is_current_stream_capturing(self):
         return self.capturing is not None
@@ -199,6 +202,48 @@ def test_a_failed_capture_falls_back_to_eager_once_and_says_so(monkeypatch, capl
     assert "the test network runs without CUDA graphs from now on" in record.getMessage()
     assert "hipErrorNotSupported" in record.getMessage()
     assert "hipErrorNotSupported" in graphed.failure
+
+
+@pytest.mark.parametrize("mis_replay, what", [
+    (lambda out: out + 0.25, "wrong numbers"),
+    (lambda out: torch.zeros_like(out), "a stale output buffer"),
+    (lambda out: torch.where(out > 0, out, torch.nan), "non-finite values"),
+])
+def test_a_graph_whose_first_replay_is_wrong_gives_the_eager_result_and_runs_eagerly(monkeypatch, caplog, mis_replay,
+                                                                                   what):
+    cuda = FakeCuda(mis_replay=mis_replay).install(monkeypatch)
+    network = Network(cuda)
+    graphed = GraphedCall(network, [network.weight], name="the test network")
+    with caplog.at_level(logging.WARNING, logger="lib_oms"):
+        for seed in (1, 2, 3):
+            x = inputs(seed)
+            assert torch.equal(graphed(*x), Network.compute(*x)), what
+    assert len(cuda.captures) == 1 and cuda.graphs[0].replays == 1  # the one checked replay, then eager
+    assert len(graphed) == 0 and graphed.failure is not None
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "the test network runs without CUDA graphs from now on" in message
+    assert "first replay differs from the eager call by up to" in message and "tolerance" in message
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_a_replay_within_rounding_of_the_eager_call_stays_graphed(monkeypatch, caplog, dtype):
+    eps = torch.finfo(dtype).eps
+    cuda = FakeCuda(mis_replay=lambda out: out + 2 * eps * out.abs().max()).install(monkeypatch)
+    network = Network(cuda)
+    graphed = GraphedCall(network, [network.weight], name="the test network")
+    with caplog.at_level(logging.WARNING, logger="lib_oms"):
+        for seed in (1, 2):
+            x = tuple(t.to(dtype) for t in inputs(seed))
+            assert torch.allclose(graphed(*x).float(), Network.compute(*x).float(), atol=4 * eps * 10)
+    assert graphed.failure is None and len(graphed) == 1 and cuda.graphs[0].replays == 2 and caplog.records == []
+
+
+def test_replay_tolerance_is_rounding_at_the_outputs_scale():
+    assert replay_tolerance(torch.full((3,), 100.0, dtype=torch.float16)) == pytest.approx(8 * 2**-10 * 100)
+    assert replay_tolerance(torch.full((3,), 0.01)) == pytest.approx(8 * 2**-23)  # at least one unit of scale
+    assert replay_mismatch(torch.ones(2, 3), torch.ones(3, 2)).startswith("the replay gave (2, 3)")
+    assert replay_mismatch(torch.ones(4), torch.ones(4) + 1e-7) is None
 
 
 def test_an_error_of_the_network_itself_is_not_swallowed(monkeypatch):

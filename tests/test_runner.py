@@ -117,6 +117,27 @@ def test_a_snapshot_shows_every_change_but_pythons_caches(tmp_path):
         "added ui-config.json", "removed modules/a.py", "changed config.json"]
 
 
+@pytest.mark.parametrize("existed", [True, False])
+def test_what_the_webui_writes_in_its_own_tree_is_put_back_even_when_the_run_fails(tmp_path, existed):
+    """Forge Classic updates config_states/cache.db in its own folder at every start, whatever --data-dir says."""
+    folder = tmp_path / "webui"
+    states = folder / "config_states"
+    folder.mkdir()
+    if existed:
+        states.mkdir()
+        (states / "cache.db").write_bytes(b"the user's cache")
+        (states / "2024-01-01.json").write_text("{}")
+    before = host.snapshot(folder)
+    with pytest.raises(RuntimeError, match="the server failed"):
+        with host.kept_as_found(folder, tmp_path / "spare"):
+            states.mkdir(exist_ok=True)
+            (states / "cache.db").write_bytes(b"written by the WebUI")
+            (states / "new.json").write_text("{}")
+            raise RuntimeError("the server failed")
+    assert host.changes(before, host.snapshot(folder)) == [] and states.is_dir() == existed
+    assert not (tmp_path / "spare").exists()
+
+
 def test_a_git_clone_names_its_commit(tmp_path):
     git = tmp_path / ".git"
     (git / "refs" / "heads").mkdir(parents=True)

@@ -7,9 +7,11 @@ not by a version number, so a fork the runner has not seen still gets the flags 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,9 @@ EXTENSION_NAME = "sd-webui-one-more-step"
 HASHED_UP_TO_BYTES = 16 * 2**20
 # Written by Python itself, not by the WebUI or the runner.
 NOT_THE_USERS = {"__pycache__"}
+# Folders a WebUI writes in its own tree whatever --data-dir says (Forge Classic updates config_states/cache.db at
+# every start): the runner puts them back as it found them.
+IN_TREE_STATE = ("config_states",)
 # The test sets of tests/webui (markers from tests/webui/conftest.py).
 ALL_TESTS: tuple[str, ...] = ()
 SMOKE_AND_XYZ = ("-m", "smoke or xyz")
@@ -150,6 +155,35 @@ def snapshot(folder: Path, skip: tuple[Path, ...] = ()) -> dict[str, tuple]:
             else:
                 state[str(path.relative_to(folder))] = (st.st_size, st.st_mtime_ns)
     return state
+
+
+@contextlib.contextmanager
+def kept_as_found(folder: Path, spare: Path, names: tuple[str, ...] = IN_TREE_STATE):
+    """The folders ``names`` of the WebUI put back as they were when the block ends, however it ends: copied into
+    ``spare`` first, then restored (or removed, when there was none). Says which ones the WebUI changed."""
+    if spare.exists():
+        shutil.rmtree(spare)
+    spare.mkdir(parents=True)
+    kept = {}
+    for name in names:
+        path = folder / name
+        kept[name] = path.is_dir()
+        if kept[name]:
+            shutil.copytree(path, spare / name, symlinks=True)
+    before = {name: snapshot(folder / name) for name in names}
+    try:
+        yield
+    finally:
+        for name, existed in kept.items():
+            path = folder / name
+            if snapshot(path) == before[name] and path.is_dir() == existed:
+                continue
+            log(f"the WebUI changed its own {name}/ (it writes there whatever --data-dir says): putting it back")
+            if path.is_dir():
+                shutil.rmtree(path)
+            if existed:
+                shutil.copytree(spare / name, path, symlinks=True)
+        shutil.rmtree(spare)
 
 
 def changes(before: dict[str, tuple], after: dict[str, tuple]) -> list[str]:

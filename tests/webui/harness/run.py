@@ -213,23 +213,24 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{kind.name} in {folder}, Python {python}; work folder {work}")
     before = host.snapshot(folder, skip=(python_prefix(python),))
 
-    assets = work / "assets"
-    hf_home = make_clip_l_cache(assets / "hf")
-    oms, extra_oms = make_oms_folders(assets)
-    checkpoint = the_checkpoint(args, kind, folder, python, assets, hf_home)
-    tests = list(host.ALL_TESTS if args.all else kind.test_set())
-    results = []
-    if not args.first_use_only:
-        data = data_folder(work, "tests", kind, checkpoint, oms)
-        seams_files.write(data, checkpoint)
-        results.append(serve_and_test("tests", folder, python, kind, data, checkpoint, hf_home, work,
-                                      ["tests/webui", *tests, *args.pytest_args],
-                                      flags=("--oms-models-dir", str(extra_oms)),
-                                      test_env={"SD_WEBUI_OMS_EXTRA_MODULE": EXTRA_MODULE_NAME}))
-        results.append({"phase": "WebUI source", **run_pytest(
-            [SOURCE_TESTS], {**os.environ, "SD_WEBUI_DIR": str(folder)}, work / "logs" / "source.junit.xml")})
-    if not args.no_first_use:
-        results.append(first_use(folder, python, kind, work, checkpoint, hf_home, oms, args.pytest_args))
+    with host.kept_as_found(folder, work / "kept"):
+        assets = work / "assets"
+        hf_home = make_clip_l_cache(assets / "hf")
+        oms, extra_oms = make_oms_folders(assets)
+        checkpoint = the_checkpoint(args, kind, folder, python, assets, hf_home)
+        tests = list(host.ALL_TESTS if args.all else kind.test_set())
+        results = []
+        if not args.first_use_only:
+            data = data_folder(work, "tests", kind, checkpoint, oms)
+            seams_files.write(data, checkpoint)
+            results.append(serve_and_test("tests", folder, python, kind, data, checkpoint, hf_home, work,
+                                          ["tests/webui", *tests, *args.pytest_args],
+                                          flags=("--oms-models-dir", str(extra_oms)),
+                                          test_env={"SD_WEBUI_OMS_EXTRA_MODULE": EXTRA_MODULE_NAME}))
+            results.append({"phase": "WebUI source", **run_pytest(
+                [SOURCE_TESTS], {**os.environ, "SD_WEBUI_DIR": str(folder)}, work / "logs" / "source.junit.xml")})
+        if not args.no_first_use:
+            results.append(first_use(folder, python, kind, work, checkpoint, hf_home, oms, args.pytest_args))
     changed = host.changes(before, host.snapshot(folder, skip=(python_prefix(python),)))
     report(kind, folder, results, changed, time.monotonic() - started)
     return 0 if all(r["exit_code"] == 0 for r in results) and not changed else 1
