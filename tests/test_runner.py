@@ -61,12 +61,15 @@ def test_forge_neo_gets_only_the_flags_it_has(tmp_path):
     folder = webui(tmp_path, {"modules/cmd_args.py": flags("--skip-prepare-environment", "--ckpt-dirs"),
                               "modules/paths_internal.py": flags("--data-dir", "--model-ref"),
                               "backend/args.py": flags("--cpu"), "modules_forge/__init__.py": "",
-                              "README.md": '<h1 align="center">Stable Diffusion WebUI Forge - Neo</h1>\n'})
+                              "README.md": '<h1 align="center">Stable Diffusion WebUI Forge - Neo</h1>\n',
+                              "modules/launch_utils.py": 'VERSION_UID: Final[str] = "PY313"\n'})
     kind = host.detect(folder)
     assert kind.name == "Forge Neo"
     assert kind.start_flags() == ("--skip-prepare-environment", "--api", "--server-name", "127.0.0.1", "--cpu")
     data = run.data_folder(tmp_path / "work", "tests", kind, tmp_path / "ckpt.safetensors", None)
-    assert json.loads((data / "config.json").read_text()) == {"sd_model_checkpoint": run.CHECKPOINT_NAME}
+    # without its VERSION_UID, Neo takes the config.json for an old one and waits for Enter at start-up
+    assert json.loads((data / "config.json").read_text()) == {"VERSION_UID": "PY313",
+                                                              "sd_model_checkpoint": run.CHECKPOINT_NAME}
 
 
 def test_reforge_starts_without_live_previews(tmp_path):

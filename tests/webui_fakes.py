@@ -6,6 +6,9 @@ hook, sampler scaling, infotext) and swallows script errors the way ``ScriptRunn
 cells as ``scripts/xyz_grid.py`` does. Samplers scale the start noise exactly as webui.md §2.1/§2.2/§2.8 describe, so
 tests can check the latent a sampler really starts from. ``modules.rng`` behaves as the real one on the CPU: seeds,
 variation seeds (slerp), seed resize, and the global reseeding its ``randn`` does.
+
+Each behaviour copied from a WebUI says in a "Checked against" line which WebUI versions it was read from and which
+test of tests/webui (run against a real WebUI by tests/webui/harness/run.py) covers it.
 """
 
 from __future__ import annotations
@@ -90,7 +93,10 @@ class APIError:
 def api_error(error: Exception) -> APIError:
     """What the WebUI's API answers for an exception raised while generating (modules/api/api.py,
     handle_exception): the status is the exception's ``status_code`` instance attribute, else 500, and the
-    traceback is printed to the console unless the exception is an HTTPException."""
+    traceback is printed to the console unless the exception is an HTTPException.
+
+    Checked against A1111 1.10.1, Forge Classic 1f95d71 and Forge Neo f95f632 (modules/api/api.py); covered by
+    test_webui_seams.py::test_refused_arguments_answer_422_without_a_traceback."""
     body = {"error": type(error).__name__, "detail": vars(error).get("detail", ""),
             "body": vars(error).get("body", ""), "errors": str(error)}
     return APIError(vars(error).get("status_code", 500), not isinstance(error, HTTPException), body)
@@ -99,6 +105,9 @@ def api_error(error: Exception) -> APIError:
 # ---------------------------------------------------------------------------------------------------------------
 # modules.prompt_parser and modules.extra_networks.parse_prompt: the prompt syntax, re-written here for what the
 # extension reads (the first sampling step); tests/test_webui_support.py checks it against the real parser.
+# Checked against A1111 1.10.1 and Forge Classic 1f95d71 (modules/prompt_parser.py, modules/extra_networks.py):
+# the runner runs that check with the WebUI's own file, and
+# test_webui_api.py::test_prompt_solver_and_module_arguments_reach_the_step sends a prompt through the real parser.
 
 _AND = re.compile(r"\bAND\b")
 _AND_WEIGHT = re.compile(r"\s*:\s*[-+]?(?:\d+\.?|\d*\.\d+)\s*$")
@@ -228,7 +237,12 @@ class OptionInfo:
 
 
 class KDiffusionSampler:
-    """Starts from σ₀·noise, or √(1+σ₀²)·noise with the SGM noise multiplier (webui.md §2.1)."""
+    """Starts from σ₀·noise, or √(1+σ₀²)·noise with the SGM noise multiplier (webui.md §2.1); img2img from
+    init + σ·noise at ``sigmas[steps - t_enc - 1]``.
+
+    Checked against A1111 1.10.1 (modules/sd_samplers_kdiffusion.py) and Forge Classic 1f95d71; covered by
+    test_webui_xyz_samplers.py::test_sampler_runs_with_oms_and_differs_from_off and
+    test_webui_img2img_hires.py::test_inpainting_from_latent_noise_gets_the_oms_start_inside_the_mask."""
 
     def __init__(self, funcname="sample_euler", sigmas=None):
         self.funcname = funcname
@@ -250,7 +264,10 @@ class CompVisSampler:
     """DDIM/PLMS/UniPC: the noise is the VP latent itself (webui.md §2.2); img2img noises at timesteps[t_enc].
 
     ᾱ lives on ``model_wrap.inner_model`` (A1111 1.9+, Forge, reForge); A1111 1.6-1.8's sampler has no
-    ``model_wrap`` (``with_model_wrap=False``) and reads the loaded model's ᾱ."""
+    ``model_wrap`` (``with_model_wrap=False``) and reads the loaded model's ᾱ.
+
+    Checked against A1111 1.6.0 and 1.10.1 (modules/sd_samplers_timesteps.py) and Forge Classic 1f95d71; covered by
+    test_webui_xyz_samplers.py::test_sampler_runs_with_oms_and_differs_from_off[DDIM]."""
 
     def __init__(self, funcname, alphas=None, with_model_wrap=True):
         self.funcname = funcname
@@ -276,6 +293,9 @@ class FlowSampler:
 
 
 def setup_img2img_steps(p, steps=None):
+    """modules.sd_samplers_common.setup_img2img_steps without "img2img: exact steps": t_enc = ⌊min(denoise,
+    0.999)·steps⌋. Checked against A1111 1.10.1; covered by test_webui_img2img_hires.py (inpainting at denoise 1, and
+    img2img that keeps the input)."""
     requested = steps or p.steps
     return requested, int(min(p.denoising_strength, 0.999) * requested)
 
@@ -327,7 +347,11 @@ def paste_centred(small, big):
 class ImageRNG:
     """modules.rng.ImageRNG: the first draw is each image's seeded unit Gaussian, slerped toward its variation seed's
     by ``subseed_strength`` and, with "resize seed from", drawn at that size and laid over the centre of a draw of the
-    real size; later draws continue each image's stream (restarted from seed + eta noise seed delta if set)."""
+    real size; later draws continue each image's stream (restarted from seed + eta noise seed delta if set).
+
+    Checked against A1111 1.10.1 and Forge Neo f95f632 (modules/rng.py); covered in test_webui_api.py by
+    test_variation_strength_changes_an_oms_image_as_much_as_a_plain_one,
+    test_variation_batch_with_oms_gives_distinct_images and test_batch_of_two_equals_two_single_images."""
 
     def __init__(self, shape, seeds, subseeds=None, subseed_strength=0.0, seed_resize_from_h=0, seed_resize_from_w=0):
         self.shape = tuple(int(n) for n in shape)
@@ -576,7 +600,13 @@ class WebUI:
 
     def run(self, p, args, *, batches: int = 1) -> list[torch.Tensor]:
         """process_images for ``p``: returns the latent each batch's sampler starts from (VE units for k-diffusion,
-        VP for timestep samplers, as the sampler itself holds it)."""
+        VP for timestep samplers, as the sampler itself holds it). With a variation strength every image keeps the
+        seed and only the subseed counts up (the seed collapse of process_images).
+
+        Checked against A1111 1.6.0 and 1.10.1 (modules/processing.py process_images_inner, modules/scripts.py
+        ScriptRunner) and Forge Classic 1f95d71; covered by
+        test_webui_api.py::test_enabled_changes_the_image_and_writes_its_infotext and
+        test_webui_seams.py::test_an_error_while_sampling_stops_the_generation."""
         script = self.script()
         with_hook = hasattr(self.modules["scripts"].Script, "process_before_every_sampling")
         p.script_args = tuple(args)
@@ -612,6 +642,8 @@ class WebUI:
     def xyz_grid(self, p, args, x_axis, y_axis=None) -> dict:
         """scripts/xyz_grid.py: each cell is a shallow ``copy(p)`` (so every cell shares p's
         ``extra_generation_params`` dict) with the axes applied, made in its default order (y outer, x inner).
+        Checked against A1111 1.10.1, Forge Classic 1f95d71 (extensions-builtin/xyz) and Forge Neo f95f632; covered by
+        test_webui_xyz_samplers.py::test_xyz_off_cell_after_an_on_cell_carries_no_oms_infotext.
         ``x_axis`` / ``y_axis``: (AxisOption, values). Returns {(ix, iy): (start, infotext of its image)}."""
         x_option, xs = x_axis
         y_option, ys = y_axis or (None, [None])
@@ -627,7 +659,9 @@ class WebUI:
 
 
 class AxisOption:
-    """scripts/xyz_grid.py's AxisOption: ``apply(p, value, values)`` sets a cell's value on its copy of ``p``."""
+    """scripts/xyz_grid.py's AxisOption: ``apply(p, value, values)`` sets a cell's value on its copy of ``p``.
+    Checked against A1111 1.6.0 / 1.10.1, Forge Classic 1f95d71 and Forge Neo f95f632; covered by
+    test_webui_xyz_samplers.py::test_oms_axes_are_offered."""
 
     def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
         self.label, self.type, self.apply, self.confirm, self.choices, self.cost = (

@@ -94,6 +94,15 @@ def a1111_version(folder: Path) -> str:
     return "unknown version"
 
 
+def settings_version(folder: Path) -> dict:
+    """The settings version a WebUI writes into a new config.json and waits at start-up for Enter when another
+    config.json lacks it (Forge Neo: VERSION_UID in modules/launch_utils.py), so that the scratch config.json has it."""
+    source = folder / "modules" / "launch_utils.py"
+    found = re.search(r"^VERSION_UID\b[^=\n]*=\s*[\"']([^\"']+)[\"']", source.read_text(errors="replace"),
+                      re.MULTILINE) if source.is_file() else None
+    return {"VERSION_UID": found.group(1)} if found else {}
+
+
 def detect(folder: Path) -> Kind:
     """The WebUI in ``folder``; raises ValueError, saying what is missing, for a folder that is not one."""
     if not (folder / "launch.py").is_file() or not (folder / "modules" / "scripts.py").is_file():
@@ -114,6 +123,7 @@ def detect(folder: Path) -> Kind:
     else:
         name = "Forge"
     options = {"live_previews_enable": False} if name == "reForge" else {}  # its live preview would download a model
+    options.update(settings_version(folder))
     ldm = folder / "repositories" / "stable-diffusion-stability-ai" / "ldm"
     return Kind(name, forge_family, flags, ldm.is_dir() and (folder / "configs" / "v1-inference.yaml").is_file(),
                 options)
