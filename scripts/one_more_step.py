@@ -430,6 +430,15 @@ def bytes_off(device: torch.device, models) -> int:
                if t.device.type != device.type)
 
 
+def managers_device(manager, device: torch.device) -> torch.device:
+    """``device`` as the manager names it: it tells its models' devices apart by ``==``, and torch.device("cuda")
+    is not torch.device("cuda:0")."""
+    own = manager.get_torch_device() if callable(getattr(manager, "get_torch_device", None)) else None
+    if device.index is None and own is not None and torch.device(own).type == device.type:
+        return torch.device(own)
+    return device
+
+
 def make_room(plan: Plan) -> None:
     """Room on the GPU for the module and text encoder: the Forge family's manager frees what they need as it does
     for its own models (and unloads everything in its no-VRAM state); on A1111 in low-VRAM mode the WebUI's model
@@ -440,7 +449,8 @@ def make_room(plan: Plan) -> None:
     if manager is not None:
         models = [plan.module.unet, *plan.encoder.encoder.torch_models()]
         inference = manager.minimum_inference_memory() if hasattr(manager, "minimum_inference_memory") else 0
-        manager.free_memory(room_to_ask(bytes_off(plan.device, models), inference), plan.device)
+        room = room_to_ask(bytes_off(plan.device, models), inference)
+        manager.free_memory(room, managers_device(manager, plan.device))
     elif plan.low_vram:
         importlib.import_module("modules.lowvram").send_everything_to_cpu()
 

@@ -990,7 +990,7 @@ def test_forge_manager_is_asked_for_the_weights_and_inference_room(monkeypatch, 
     weights = sum(t.numel() * t.element_size() for t in plan.module.unet.parameters())
     weights += sum(t.numel() * t.element_size() for t in plan.module.unet.buffers())
     webui.script_module.make_room(plan)
-    assert webui.memory_manager.freed == [(weights + 1024**3, torch.device("cuda"))]
+    assert webui.memory_manager.freed == [(weights + 1024**3, torch.device("cuda", 0))]
     assert "lowvram" not in webui.modules or webui.modules["lowvram"].calls == []
 
 

@@ -489,8 +489,8 @@ class VRAMState(enum.Enum):
 
 def make_memory_manager(name: str) -> types.ModuleType:
     """The Forge family's memory manager as far as the extension calls it: ``vram_state``, ``free_memory(
-    memory_required, device, keep_loaded=[])`` (recorded in ``.freed``) and ``minimum_inference_memory()`` (1 GiB,
-    Forge Classic's figure)."""
+    memory_required, device, keep_loaded=[])`` (recorded in ``.freed``), ``minimum_inference_memory()`` (1 GiB,
+    Forge Classic's figure) and ``get_torch_device()``."""
     manager = types.ModuleType(name)
     manager.VRAMState = VRAMState
     manager.vram_state = VRAMState.NORMAL_VRAM
@@ -498,6 +498,7 @@ def make_memory_manager(name: str) -> types.ModuleType:
     manager.free_memory = lambda memory_required, device, keep_loaded=(): manager.freed.append(
         (memory_required, torch.device(device)))
     manager.minimum_inference_memory = lambda: 1024**3
+    manager.get_torch_device = lambda: torch.device("cuda", 0)  # with its index, as torch.cuda.current_device() gives
     return manager
 
 
