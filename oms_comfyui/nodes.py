@@ -261,9 +261,16 @@ class OMSRun:
 
 def sampler_sample(run: OMSRun, executor, guider, sigmas, extra_args, callback, noise, latent_image=None,
                    denoise_mask=None, disable_pbar=False):
-    """SAMPLER_SAMPLE wrapper: sees the sampler's exact sigmas, processed latent, mask, seed and max_denoise."""
-    max_denoise = bool(executor.class_obj.max_denoise(guider, sigmas))
-    if len(sigmas) > 1:
+    """SAMPLER_SAMPLE wrapper: sees the sampler's exact sigmas, processed latent, mask, seed and max_denoise.
+
+    The model is checked again here: a node placed after One More Step (ModelSamplingContinuousEDM,
+    ModelSamplingSD3, …) can change the sampling the model is run with."""
+    patcher = getattr(guider, "model_patcher", None)
+    reason = model_reason(patcher) if patcher is not None else None
+    if reason:
+        log(f"skipped: {reason}")
+    elif len(sigmas) > 1:
+        max_denoise = bool(executor.class_obj.max_denoise(guider, sigmas))
         noise = run.corrected(noise, latent_image, denoise_mask, float(sigmas[0]), max_denoise, extra_args.get("seed"))
     return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 

@@ -7,6 +7,7 @@ through the SAMPLER_SAMPLE wrappers of a patched model and returns the x it star
 
 from __future__ import annotations
 
+import copy
 import importlib.machinery
 import math
 import sys
@@ -63,6 +64,17 @@ def model_sampling(prediction=EPS, zsnr: bool = False):
     return kind(sd_alphas_cumprod(zsnr))
 
 
+class ModelSamplingContinuousEDM:
+    """A continuous EDM schedule (the ModelSamplingContinuousEDM node): σ from sigma_min to sigma_max (120)."""
+
+    def __init__(self, sigma_max: float = 120.0):
+        self.sigma_max = torch.tensor(sigma_max)
+
+
+def edm_sampling(prediction=EPS):
+    return type("ModelSamplingAdvanced", (ModelSamplingContinuousEDM, prediction), {})()
+
+
 class SD15:
     scale_factor = 0.18215
 
@@ -97,16 +109,29 @@ class ModelPatcher:
         self.model_options = {"transformer_options": {}}
         self.wrappers: dict[str, dict[str, list]] = {}
         self.additional_models: dict[str, list] = {}
+        self.object_patches: dict[str, object] = {}
 
     def clone(self):
         n = ModelPatcher(self.model, self.load_device, self.offload_device)
         n.model_options = {**self.model_options, "transformer_options": dict(self.model_options["transformer_options"])}
         n.wrappers = {kind: {key: list(fns) for key, fns in by_key.items()} for kind, by_key in self.wrappers.items()}
         n.additional_models = dict(self.additional_models)
+        n.object_patches = dict(self.object_patches)
         return n
 
+    def add_object_patch(self, name, obj):
+        """Replaces an attribute of the model (e.g. model_sampling) while this patcher's model is loaded."""
+        self.object_patches[name] = obj
+
     def get_model_object(self, name):
-        return getattr(self.model, name)
+        return self.object_patches[name] if name in self.object_patches else getattr(self.model, name)
+
+    def patched_model(self):
+        """The model as loaded for sampling: its object patches applied (to a shallow copy here)."""
+        model = copy.copy(self.model)
+        for name, obj in self.object_patches.items():
+            setattr(model, name, obj)
+        return model
 
     def add_wrapper_with_key(self, wrapper_type, key, fn):
         self.wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(fn)
@@ -138,15 +163,17 @@ class Executor:
 
 
 class Guider:
+    """CFGGuider as a wrapper sees it: the patcher it was made with and, while sampling, the loaded model."""
+
     def __init__(self, patcher):
-        self.inner_model = patcher.model
+        self.model_patcher, self.inner_model = patcher, patcher.patched_model()
 
 
 def sample(patcher: ModelPatcher, noise, sigmas, latent_image, denoise_mask=None, seed=0) -> torch.Tensor:
     """The x the sampler starts from: its SAMPLER_SAMPLE wrappers, then noise_scaling of the (processed) latent."""
-    model = patcher.model
-    latent = model.process_latent_in(latent_image) if torch.any(latent_image) else latent_image
     sampler, guider = Sampler(), Guider(patcher)
+    model = guider.inner_model
+    latent = model.process_latent_in(latent_image) if torch.any(latent_image) else latent_image
 
     def start(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar):
         return model.model_sampling.noise_scaling(sigmas[0], noise, latent_image,

@@ -195,6 +195,25 @@ def test_other_families_pass_through_with_a_message(comfy, model, word):
     assert out.ui["text"][0].startswith("One More Step skipped:") and word in out.ui["text"][0]
 
 
+@pytest.mark.parametrize(("sampling", "sigmas", "word"), [
+    (stubs.edm_sampling, [120.0, 1.0, 0.0], "ModelSamplingContinuousEDM"),
+    (lambda: stubs.model_sampling(stubs.CONST), [1.0, 0.5, 0.0], "flow matching"),
+], ids=["edm", "flow"])
+def test_a_model_sampling_patched_after_the_node_is_checked_when_sampling(comfy, sampling, sigmas, word, caplog):
+    """ModelSamplingContinuousEDM or ModelSamplingSD3 placed after One More Step: the sampler runs an EDM or flow
+    schedule the node never saw; its wrapper must pass through (found in ComfyUI 0.26 by tests/comfyui's probe)."""
+    model, _ = patched(comfy)
+    model.add_object_patch("model_sampling", sampling())
+    latent, noise = latent_and_noise()
+    sigmas = torch.tensor(sigmas)
+    with caplog.at_level("INFO"):
+        x = stubs.sample(model, noise, sigmas, latent, seed=5)
+    plain = sd_model()
+    plain.add_object_patch("model_sampling", sampling())
+    assert torch.equal(x, stubs.sample(plain, noise, sigmas, latent, seed=5))
+    assert "[One More Step] skipped:" in caplog.text and word in caplog.text
+
+
 def test_automatic_picks_the_module_of_the_latent_space(comfy):
     patched(comfy, sd_model(latent_format=stubs.SDXL))
     assert next(iter(comfy.nodes.BUNDLES.values())).label.startswith(SDXL_MODULE)

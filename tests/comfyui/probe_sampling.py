@@ -1,14 +1,19 @@
 """Runs in a real ComfyUI's Python (test_comfyui.py starts it): samples with a tiny random SD 1.5-shaped model through
-ComfyUI's own KSampler and SamplerCustomAdvanced, with and without the One More Step nodes, and writes as JSON, per
-case, the largest difference between the x the sampler's first model call gets and the start expected.
+ComfyUI's own KSampler, KSamplerAdvanced and SamplerCustomAdvanced, with and without the One More Step nodes, and
+writes as JSON, per case, what the sampler's first model call gets against what it should get.
 
     COMFYUI_PYTHON tests/comfyui/probe_sampling.py COMFYUI_PATH WORK_DIR OUT_JSON
 
 WORK_DIR becomes ComfyUI's --base-directory (its models/oms gets tiny OMS files); nothing of COMFYUI_PATH changes.
+
+Per case: ``expect`` "oms" (the first x must be x̂0 + σ₀·z: ``diff`` against it, ``scale`` its size, ``plain_diff``
+how far it is from the plain run) or "skipped" (``diff`` against the plain run, which must be 0); inpainting cases
+add ``outside``, the difference to the plain run outside the mask (0). ``sigma0`` is the first call's σ.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -29,7 +34,7 @@ import comfy.samplers  # noqa: E402
 import comfy.supported_models  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402
 import torch  # noqa: E402
-from comfy_extras import nodes_custom_sampler  # noqa: E402
+from comfy_extras import nodes_custom_sampler, nodes_model_advanced  # noqa: E402
 from comfyui_assets import MODULE, tiny_encoder_loader, write_oms_folder  # noqa: E402
 
 from lib_oms import text_encoders  # noqa: E402
@@ -46,6 +51,15 @@ TINY_UNET = {"in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res
              "context_dim": 32, "use_linear_in_transformer": False, "adm_in_channels": None,
              "use_temporal_attention": False, "use_spatial_transformer": True, "legacy": False, "image_size": 32}
 
+# Model patches of ComfyUI's own nodes, by name: (node class, its inputs after the model).
+SAMPLING_PATCHES = {
+    "v_prediction": (nodes_model_advanced.ModelSamplingDiscrete, ("v_prediction", False)),
+    "lcm": (nodes_model_advanced.ModelSamplingDiscrete, ("lcm", False)),
+    "zsnr": (nodes_model_advanced.ModelSamplingDiscrete, ("eps", True)),
+    "edm": (nodes_model_advanced.ModelSamplingContinuousEDM, ("eps", 120.0, 0.002)),
+    "flow": (nodes_model_advanced.ModelSamplingSD3, (3.0,)),
+}
+
 
 def tiny_model():
     torch.manual_seed(0)
@@ -57,6 +71,13 @@ def tiny_model():
             parameter.copy_(torch.randn_like(parameter) * 0.05)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+def patch_sampling(model, name: str | None):
+    if name is None:
+        return model
+    node, inputs = SAMPLING_PATCHES[name]
+    return node().patch(model, *inputs)[0]
 
 
 def watched(model, seen: list):
@@ -71,9 +92,8 @@ def watched(model, seen: list):
     return model
 
 
-def oms_patched(model):
-    loader = nodes.OMSLoader.execute("Automatic", "Automatic", "penultimate", "Automatic", False).args[0]
-    return nodes.OneMoreStep.execute(model, loader, PROMPT, "", 1.0, "SDE").args[0], loader
+def oms_loader():
+    return nodes.OMSLoader.execute("Automatic", "Automatic", "penultimate", "Automatic", False).args[0]
 
 
 def latent(kind: str) -> dict:
@@ -84,7 +104,7 @@ def latent(kind: str) -> dict:
     if kind == "image":
         return {"samples": image}
     mask = torch.zeros(2, 64, 64)
-    mask[:, :, :32] = 1
+    mask[:, :, :32] = 1  # the left half: latent columns 0–3
     return {"samples": image, "noise_mask": mask}
 
 
@@ -93,8 +113,11 @@ def positive():
 
 
 def ksampler(model, case, lat):
+    """KSampler, or KSamplerAdvanced (add noise, start at step) when the case sets them."""
     return comfy_nodes.common_ksampler(model, SEED, case["steps"], 1.0, case["sampler"], case["scheduler"],
-                                       positive(), positive(), lat, denoise=case.get("denoise", 1.0))
+                                       positive(), positive(), lat, denoise=case.get("denoise", 1.0),
+                                       disable_noise=not case.get("add_noise", True),
+                                       start_step=case.get("start_at_step"))
 
 
 def custom_advanced(model, case, lat, noise=None):
@@ -103,9 +126,7 @@ def custom_advanced(model, case, lat, noise=None):
     guider.set_cfg(1.0)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), case["scheduler"],
                                              case["steps"])
-    if noise is not None:
-        noise = noise(sigmas)
-    noise = noise or nodes_custom_sampler.Noise_RandomNoise(SEED)
+    noise = noise(sigmas) if noise is not None else nodes_custom_sampler.Noise_RandomNoise(SEED)
     return nodes_custom_sampler.SamplerCustomAdvanced.execute(noise, guider, comfy.samplers.sampler_object(
         case["sampler"]), sigmas, lat)
 
@@ -116,35 +137,52 @@ def first_x(run, model, case) -> tuple[torch.Tensor, float]:
     return seen[0]
 
 
+@functools.cache
+def oms_files():
+    return load_module(oms / MODULE), text_encoders.load_openclip_text_encoder(oms / "text_encoder")
+
+
 def expected_oms(x_T_prime: torch.Tensor, sigma0: float) -> torch.Tensor:
     """x̂0 + σ₀·z, from the files: the k-diffusion start of the SDE solver."""
-    module, encoder = load_module(oms / MODULE), text_encoders.load_openclip_text_encoder(oms / "text_encoder")
+    module, encoder = oms_files()
     with torch.no_grad():
         x0_hat = -module.forward(x_T_prime, encoder.encode([PROMPT] * len(x_T_prime)))
     return x0_hat + sigma0 * comfy.sample.prepare_noise(x_T_prime, SEED + Z_SEED_OFFSET)
 
 
+EULER = {"sampler": "euler", "scheduler": "normal", "steps": 3}
 CASES = {
-    "ksampler euler normal": {"sampler": "euler", "scheduler": "normal", "steps": 3},
+    "ksampler euler normal": EULER,
+    "ksampler euler_ancestral normal": {**EULER, "sampler": "euler_ancestral"},
     "ksampler dpmpp_2m karras": {"sampler": "dpmpp_2m", "scheduler": "karras", "steps": 3},
     "ksampler ddim ddim_uniform": {"sampler": "ddim", "scheduler": "ddim_uniform", "steps": 20},
     "ksampler uni_pc normal": {"sampler": "uni_pc", "scheduler": "normal", "steps": 3},
     "ksampler lcm sgm_uniform": {"sampler": "lcm", "scheduler": "sgm_uniform", "steps": 3},
-    "ksampler euler inpainting": {"sampler": "euler", "scheduler": "normal", "steps": 3, "latent": "inpaint"},
-    "ksampler denoise 0.6 image": {"sampler": "euler", "scheduler": "normal", "steps": 3, "denoise": 0.6,
-                                   "latent": "image", "skipped": True},
-    "ksampler denoise 0.6 inpainting": {"sampler": "euler", "scheduler": "normal", "steps": 3, "denoise": 0.6,
-                                        "latent": "inpaint", "skipped": True},
-    "custom advanced euler": {"sampler": "euler", "scheduler": "normal", "steps": 3, "run": "custom"},
+    "ksampler euler inpainting": {**EULER, "latent": "inpaint"},
+    "ksampler v_prediction": {**EULER, "sampling": "v_prediction"},
+    "ksampler lcm model sampling": {"sampler": "lcm", "scheduler": "sgm_uniform", "steps": 3, "sampling": "lcm"},
+    "ksampler advanced start at step 1": {**EULER, "start_at_step": 1},
+    "ksampler denoise 0.6 image": {**EULER, "denoise": 0.6, "latent": "image", "expect": "skipped"},
+    "ksampler denoise 0.6 inpainting": {**EULER, "denoise": 0.6, "latent": "inpaint", "expect": "skipped"},
+    "ksampler advanced add noise off": {**EULER, "add_noise": False, "expect": "skipped"},
+    "ksampler zsnr": {**EULER, "sampling": "zsnr", "expect": "skipped"},
+    "ksampler edm": {**EULER, "scheduler": "karras", "sampling": "edm", "expect": "skipped"},
+    "ksampler edm patched after OMS": {**EULER, "scheduler": "karras", "sampling": "edm", "after": True,
+                                       "expect": "skipped"},
+    "ksampler flow patched after OMS": {**EULER, "scheduler": "simple", "sampling": "flow", "after": True,
+                                        "expect": "skipped"},
+    "custom advanced euler": {**EULER, "run": "custom"},
     "custom advanced OMS noise": {"sampler": "dpmpp_2m", "scheduler": "karras", "steps": 3, "run": "noise"},
+    "custom advanced OMS noise inpainting": {**EULER, "run": "noise", "latent": "inpaint"},
 }
 
 
-def probe(name: str, case: dict) -> dict:
-    case = {"latent": "empty", **case}
-    plain = tiny_model()
-    patched, loader = oms_patched(plain)
-    if case.get("run") == "noise":
+def probe(case: dict) -> dict:
+    case = {"latent": "empty", "expect": "oms", "run": "ksampler", **case}
+    before = patch_sampling(tiny_model(), None if case.get("after") else case.get("sampling"))
+    plain = patch_sampling(before, case.get("sampling")) if case.get("after") else before
+    loader = oms_loader()
+    if case["run"] == "noise":
         def with_noise(model, case, lat):
             def make(sigmas):
                 return nodes.OMSNoiseNode.execute(nodes_custom_sampler.Noise_RandomNoise(SEED), plain, sigmas, loader,
@@ -152,23 +190,24 @@ def probe(name: str, case: dict) -> dict:
             return custom_advanced(model, case, lat, make)
         run, model = with_noise, plain
     else:
-        run = custom_advanced if case.get("run") == "custom" else ksampler
-        model = patched
+        run = custom_advanced if case["run"] == "custom" else ksampler
+        model = nodes.OneMoreStep.execute(before, loader, PROMPT, "", 1.0, "SDE").args[0]
+        if case.get("after"):
+            model = patch_sampling(model, case["sampling"])
     x, sigma0 = first_x(run, model, case)
-    x_plain, _ = first_x(custom_advanced if case.get("run") else ksampler, plain, case)
-    if case.get("skipped"):
-        return {"diff": float((x - x_plain).abs().max()), "sigma0": sigma0}
-    noise = comfy.sample.prepare_noise(latent(case["latent"])["samples"], SEED)
-    want = expected_oms(noise, sigma0)
-    inside = slice(None)
+    x_plain, _ = first_x(ksampler if case["run"] == "ksampler" else custom_advanced, plain, case)
+    result = {"expect": case["expect"], "sigma0": sigma0}
+    if case["expect"] == "skipped":
+        return {**result, "diff": float((x - x_plain).abs().max())}
+    want = expected_oms(comfy.sample.prepare_noise(latent(case["latent"])["samples"], SEED), sigma0)
+    inside = torch.ones(x.shape, dtype=torch.bool)
     if case["latent"] == "inpaint":
         inside = torch.zeros(x.shape, dtype=torch.bool)
         inside[..., :4] = True
-        outside = float((x[~inside] - x_plain[~inside]).abs().max())
-        return {"diff": float((x[inside] - want[inside]).abs().max()), "outside": outside, "sigma0": sigma0}
-    return {"diff": float((x[inside] - want[inside]).abs().max()), "scale": float(want.abs().max()),
-            "sigma0": sigma0}
+        result["outside"] = float((x[~inside] - x_plain[~inside]).abs().max())
+    return {**result, "diff": float((x[inside] - want[inside]).abs().max()), "scale": float(want[inside].abs().max()),
+            "plain_diff": float((x[inside] - x_plain[inside]).abs().max())}
 
 
 if __name__ == "__main__":
-    OUT.write_text(json.dumps({name: probe(name, case) for name, case in CASES.items()}, indent=1))
+    OUT.write_text(json.dumps({name: probe(case) for name, case in CASES.items()}, indent=1))

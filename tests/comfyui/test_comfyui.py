@@ -1,0 +1,319 @@
+"""The One More Step nodes in a real ComfyUI (gated: skipped unless COMFYUI_PATH names a ComfyUI folder).
+
+    COMFYUI_PATH=~/ComfyUI [COMFYUI_PYTHON=~/ComfyUI/venv/bin/python] python -m pytest -v tests/comfyui
+
+COMFYUI_PYTHON defaults to COMFYUI_PATH/venv/bin/python, then COMFYUI_PATH/.venv/bin/python; that Python also needs
+this project's requirements.txt. Nothing here imports ComfyUI: it runs in subprocesses of that Python, with scratch
+folders under pytest's tmp_path (ComfyUI's --base-directory and --database-url point there), and the ComfyUI folder
+is checked to be left as it was.
+
+- The probe (probe_sampling.py, a tiny random SD 1.5-shaped model, under a minute): every sampler path starts at
+  x̂0 + σ₀·z with OMS, every start that is not pure noise is left as it was.
+- The server (under 2 minutes on 2 CPU cores, plus about 1 minute the first time to make the OMS files): ComfyUI's
+  HTTP API lists the nodes and runs checkpoint → One More Step → KSampler → VAE decode → save image, without OMS,
+  with it and with it bypassed. It needs a random SD 1.5 checkpoint (COMFYUI_TEST_CHECKPOINT, or the one the WebUI
+  runner makes, tests/webui/harness/run.py; skipped without one) and full-size random OMS files: those beside that
+  checkpoint when the runner made them, else made once with the runner's assets.py into test-webuis/assets (1.6 GB),
+  since the nodes load the real OpenCLIP ViT-H/14 architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PROBE = Path(__file__).with_name("probe_sampling.py")
+DOCS_WORKFLOW = REPO / "docs" / "comfyui_workflow_api.json"
+RUNNER_ASSETS = REPO / "test-webuis" / "assets"  # the WebUI runner's default work folder (git-ignored)
+CHECKPOINT_NAME = "sd15_random.safetensors"
+RUNNER_CHECKPOINT = RUNNER_ASSETS / CHECKPOINT_NAME  # the random SD 1.5 checkpoint the WebUI runner makes there
+MODULE_NAME = "oms_b_openclip_15_21"  # the random OMS-B of the WebUI runner's assets, named as released
+DOCS_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+NODE_IDS = ("OneMoreStepLoader", "OneMoreStep", "OneMoreStepNoise")
+PROMPT = "a black cat in a dark room at night"
+REL_TOL = 2e-6  # fp32 rounding of x̂0 + σ₀·z, relative to its largest entry
+SERVER_START_S, PROMPT_S = 300, 300
+
+
+def comfyui() -> tuple[Path, Path]:
+    """COMFYUI_PATH and its Python, or a skip saying what is missing."""
+    folder = os.environ.get("COMFYUI_PATH", "")
+    if not folder:
+        pytest.skip("COMFYUI_PATH is not set: no ComfyUI to test the nodes in (tests/comfyui/test_comfyui.py says how)")
+    folder = Path(folder).expanduser().resolve()
+    if not (folder / "main.py").is_file() or not (folder / "comfy").is_dir():
+        pytest.skip(f"COMFYUI_PATH={folder} is not a ComfyUI folder (no main.py and comfy/)")
+    named = os.environ.get("COMFYUI_PYTHON", "")
+    candidates = [Path(named).expanduser()] if named else [folder / "venv/bin/python", folder / ".venv/bin/python"]
+    python = next((path for path in candidates if path.is_file()), None)
+    if python is None:
+        pytest.skip(f"no Python for ComfyUI: set COMFYUI_PYTHON (tried {', '.join(map(str, candidates))})")
+    return folder, python
+
+
+def scratch_env(tmp: Path) -> dict:
+    """The environment of ComfyUI's processes: offline, with an empty Hugging Face cache of their own."""
+    return {**os.environ, "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+sys.path.insert(0, str(REPO / "tests" / "webui" / "harness"))
+import host  # noqa: E402  (the WebUI runner's before/after check of a host's folder)
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    folder, python = comfyui()
+    before = host.snapshot(folder)
+    yield folder, python
+    changed = host.changes(before, host.snapshot(folder))
+    assert not changed, f"the tests changed files in COMFYUI_PATH: {changed[:20]}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The probe: ComfyUI's own samplers, a tiny model
+
+
+@pytest.fixture(scope="module")
+def probe(comfy, tmp_path_factory) -> dict:
+    folder, python = comfy
+    tmp = tmp_path_factory.mktemp("probe")
+    out = tmp / "probe.json"
+    done = subprocess.run([str(python), str(PROBE), str(folder), str(tmp / "base"), str(out)], cwd=tmp,
+                          env=scratch_env(tmp), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"the probe failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return json.loads(out.read_text())
+
+
+def cases(probe: dict, expect: str) -> dict:
+    chosen = {name: case for name, case in probe.items() if case["expect"] == expect}
+    assert chosen, f"the probe has no {expect!r} case"
+    return chosen
+
+
+def test_probe_every_oms_case_starts_at_x0_hat_plus_sigma0_z(probe):
+    wrong = {name: case for name, case in cases(probe, "oms").items() if case["diff"] > REL_TOL * case["scale"]}
+    assert not wrong, f"the first x is not x̂0 + σ₀·z (diff relative to scale over {REL_TOL}): {wrong}"
+
+
+def test_probe_every_oms_case_changes_the_start(probe):
+    unchanged = {name: case for name, case in cases(probe, "oms").items()
+                 if case["plain_diff"] < 0.1 * case["scale"]}
+    assert not unchanged, f"OMS left the start (nearly) as without it: {unchanged}"
+
+
+def test_probe_oms_covers_starts_below_sigma_max(probe):
+    assert min(case["sigma0"] for case in cases(probe, "oms").values()) < 14.0  # ddim_uniform, start at step 1
+
+
+def test_probe_skipped_cases_are_untouched(probe):
+    touched = {name: case for name, case in cases(probe, "skipped").items() if case["diff"] != 0.0}
+    assert not touched, f"a start that is not pure noise was changed: {touched}"
+
+
+def test_probe_inpainting_leaves_the_outside_of_the_mask_untouched(probe):
+    inpainting = {name: case for name, case in probe.items() if "outside" in case}
+    assert inpainting, "the probe has no inpainting case"
+    touched = {name: case for name, case in inpainting.items() if case["outside"] != 0.0}
+    assert not touched, f"the outside of the mask was changed: {touched}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The workflow (also docs/comfyui_workflow_api.json)
+
+
+def workflow(checkpoint: str, *, oms: bool = True, bypassed: bool = False, size: int = 64, steps: int = 2,
+             download: bool = False, prefix: str = "one_more_step") -> dict:
+    """ComfyUI's API format: checkpoint → (Load One More Step module →) One More Step → KSampler → VAE decode → save.
+    ``bypassed``: as the UI sends it with One More Step bypassed (the loader stays, unconnected)."""
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "2": {"class_type": "OneMoreStepLoader",
+              "inputs": {"module": "Automatic", "text_encoder": "Automatic", "text_encoder_layer": "penultimate",
+                         "precision": "Automatic", "download_missing": download}},
+        "3": {"class_type": "OneMoreStep",
+              "inputs": {"model": ["1", 0], "oms_module": ["2", 0], "prompt": PROMPT, "negative_prompt": "",
+                         "cfg": 1.0, "solver": "SDE"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "7": {"class_type": "KSampler",
+              "inputs": {"model": ["3", 0], "seed": 42, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
+                         "scheduler": "normal", "positive": ["4", 0], "negative": ["5", 0],
+                         "latent_image": ["6", 0], "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
+    }
+    if not oms or bypassed:
+        del graph["3"]
+        graph["7"]["inputs"]["model"] = ["1", 0]
+    if not oms:
+        del graph["2"]
+    return graph
+
+
+def test_the_documented_workflow_is_the_tested_one():
+    """docs/comfyui_workflow_api.json: this workflow at 512×512, 20 steps, downloading on first use."""
+    documented = json.loads(DOCS_WORKFLOW.read_text())
+    assert documented == workflow(DOCS_CHECKPOINT, size=512, steps=20, download=True, prefix="ComfyUI_oms")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The server
+
+
+def the_checkpoint() -> Path:
+    named = os.environ.get("COMFYUI_TEST_CHECKPOINT", "")
+    candidates = [Path(named).expanduser() if named else RUNNER_CHECKPOINT]
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is None:
+        pytest.skip(f"no random SD 1.5 checkpoint (tried {', '.join(map(str, candidates))}): set "
+                    "COMFYUI_TEST_CHECKPOINT, or run the WebUI runner (tests/webui/harness/run.py) once to make it")
+    return found.resolve()
+
+
+def oms_files_complete(oms: Path) -> bool:
+    return (oms / MODULE_NAME / "model_index.json").is_file() and (oms / "text_encoder" / "model.safetensors").is_file()
+
+
+def the_oms_folder(checkpoint: Path) -> Path:
+    """Full-size random OMS files: those beside the runner's checkpoint, else made (once) with the runner's assets.py
+    in test-webuis/assets."""
+    for oms in (checkpoint.parent / "oms", RUNNER_ASSETS / "oms"):
+        if oms_files_complete(oms):
+            return oms
+    import assets  # the WebUI runner's maker of random OMS files (tests/webui/harness, on sys.path above)
+
+    oms, _extra = assets.make_oms_folders(RUNNER_ASSETS)
+    assert oms_files_complete(oms)
+    return oms
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, process: subprocess.Popen, log: Path, base: Path):
+        self.url, self.process, self.log, self.base = url, process, log, base
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+    def request(self, path: str, body: dict | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                return json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            raise AssertionError(f"{path} answered {error.code}: {error.read().decode(errors='replace')}") from None
+
+    def run(self, prompt: dict) -> dict:
+        """Queues ``prompt`` and returns its history entry once it is done."""
+        prompt_id = self.request("/prompt", {"prompt": prompt, "client_id": "one-more-step-tests"})["prompt_id"]
+        deadline = time.monotonic() + PROMPT_S
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"ComfyUI exited:\n{self.tail()}"
+            entry = self.request(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                status = entry["status"]
+                assert status["status_str"] == "success", f"the prompt failed: {status['messages']}\n{self.tail()}"
+                return entry
+            time.sleep(1)
+        raise AssertionError(f"the prompt did not finish in {PROMPT_S} s:\n{self.tail()}")
+
+    def pixels(self, entry: dict, node: str = "9"):
+        from PIL import Image
+
+        (image,) = entry["outputs"][node]["images"]
+        with Image.open(self.base / "output" / image["subfolder"] / image["filename"]) as png:
+            return png.convert("RGB").tobytes()
+
+
+@pytest.fixture(scope="module")
+def server(comfy, tmp_path_factory):
+    folder, python = comfy
+    checkpoint = the_checkpoint()
+    oms = the_oms_folder(checkpoint)
+    tmp = tmp_path_factory.mktemp("server")
+    base = tmp / "base"
+    for sub in ("custom_nodes", "models/checkpoints", "models/oms", "output", "input", "user"):
+        (base / sub).mkdir(parents=True)
+    (base / "custom_nodes" / "sd-webui-one-more-step").symlink_to(REPO, target_is_directory=True)
+    (base / "models" / "checkpoints" / CHECKPOINT_NAME).symlink_to(checkpoint)
+    for name in (MODULE_NAME, "text_encoder"):  # one SD module: "Automatic" has one to pick
+        (base / "models" / "oms" / name).symlink_to(oms / name, target_is_directory=True)
+    port = free_port()
+    log = tmp / "comfyui.log"
+    # --cache-none: every prompt runs every node, so the bypassed one is computed, not taken from the cache.
+    command = [str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+               str(base), "--database-url", f"sqlite:///{tmp / 'comfyui.db'}", "--cache-none",
+               "--disable-auto-launch"]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=folder, env=scratch_env(tmp), stdout=out, stderr=subprocess.STDOUT)
+    running = Server(f"http://127.0.0.1:{port}", process, log, base)
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            assert process.poll() is None, f"ComfyUI exited while starting:\n{running.tail()}"
+            assert time.monotonic() < deadline, f"ComfyUI did not answer in {SERVER_START_S} s:\n{running.tail()}"
+            try:
+                running.request("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(1)
+        yield running
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_server_lists_the_nodes(server):
+    info = server.request("/object_info")
+    missing = [node for node in NODE_IDS if node not in info]
+    assert not missing, f"not in /object_info: {missing}\n{server.tail()}"
+    assert {info[node]["category"] for node in NODE_IDS} == {"One More Step"}
+    assert MODULE_NAME in json.dumps(info["OneMoreStepLoader"]["input"]["required"]["module"])
+
+
+@pytest.fixture(scope="module")
+def runs(server) -> dict:
+    """(history entry, pixels) of the plain, the OMS and the OMS-bypassed workflow (same seed), run in that order."""
+    done = {}
+    for name, graph in (("plain", workflow(CHECKPOINT_NAME, oms=False, prefix="plain")),
+                        ("oms", workflow(CHECKPOINT_NAME, prefix="oms")),
+                        ("bypassed", workflow(CHECKPOINT_NAME, bypassed=True, prefix="bypassed"))):
+        entry = server.run(graph)
+        done[name] = entry, server.pixels(entry)
+    return done
+
+
+def test_server_oms_workflow_changes_the_image_and_says_what_it_did(runs, server):
+    (entry, oms), (_, plain) = runs["oms"], runs["plain"]
+    assert oms != plain
+    (text,) = entry["outputs"]["3"]["text"]  # shown under the node
+    assert text.startswith(f"One More Step: module {MODULE_NAME} [") and PROMPT in text
+    assert server.log.read_text().count("[One More Step] the sampling starts from the OMS latent") == 1, server.tail()
+
+
+def test_server_oms_bypassed_is_bit_identical_to_the_plain_workflow(runs):
+    (entry, bypassed), (_, plain) = runs["bypassed"], runs["plain"]
+    assert "3" not in entry["outputs"]
+    assert bypassed == plain
