@@ -1,8 +1,8 @@
 """Installs what One More Step needs and the WebUI lacks (run by the WebUI's launcher unless --skip-install).
 
-The WebUI (A1111 1.6–1.10, Forge, reForge) already ships safetensors, transformers, open-clip-torch and
-huggingface_hub: normally nothing is installed. A missing package is installed with a lower bound only, so no pin
-of the WebUI is changed.
+A1111 1.6–1.10, Forge, reForge and Forge Classic already ship safetensors, transformers, open-clip-torch and
+huggingface_hub: nothing is installed there; Forge Neo lacks open-clip-torch. A missing package is installed with a
+lower bound only, so no pin of the WebUI is changed.
 
 ComfyUI-Manager runs install.py too (after installing requirements.txt itself): without the WebUI's ``launch``
 module this does nothing.
