@@ -401,6 +401,7 @@ def prepare(p, args: OMSArgs) -> Plan:
     return plan
 
 
+@functools.cache  # the WebUI does not change while it runs: look once, not at every generation
 def memory_manager():
     """The Forge family's memory manager, which places every model on the GPU itself (Forge and Forge Neo:
     ``backend.memory_management``; reForge and Forge Classic: ``ldm_patched.modules.model_management``), or None
