@@ -67,6 +67,7 @@ OMSModuleType = io.Custom("OMS_MODULE")
 TEXT_ENCODER_PLACES = ("the local Hugging Face cache {hub_dir} and the .safetensors files in ComfyUI's "
                        "models/checkpoints and models/text_encoders")
 BUNDLES_KEPT = 2  # an OMS-B module with its OpenCLIP-H text encoder is about 1 GB in fp16
+BATCH_INDEX_SEARCH = 64  # how far into a seed's stream a Latent From Batch index is looked for
 
 # <ComfyUI>/models/oms (survives reinstalling the pack; more folders under "oms:" in extra_model_paths.yaml), then
 # the pack's own models/.
@@ -215,6 +216,26 @@ def clean_prompt(text: str) -> str:
     return plain_words([(comfy.sd1_clip.unescape_important(chunk), weight) for chunk, weight in chunks])
 
 
+def batch_indices(noise: torch.Tensor, seed: int) -> list[int] | None:
+    """The batch indices ComfyUI drew the sampler's ``noise`` with, read back from it: a latent from *Latent From
+    Batch* carries them, ComfyUI's noise for it is the images at those places of the seed's stream
+    (``comfy.sample.prepare_noise`` with indices), and the sampler is not told them. None for the seed's plain batch
+    draw, and for noise that is not the seed's (another NOISE node): then z is the plain batch draw too."""
+    cpu = noise.detach().to("cpu", torch.float32)
+    with torch.random.fork_rng(devices=[]):  # prepare_noise seeds the global generator
+        if torch.equal(comfy.sample.prepare_noise(torch.zeros_like(cpu), seed), cpu):
+            return None
+        stream = comfy.sample.prepare_noise(torch.zeros_like(cpu[:1]), seed,
+                                            list(range(max(BATCH_INDEX_SEARCH, len(cpu)))))
+    found = []
+    for image in cpu:
+        place = next((k for k, drawn in enumerate(stream) if torch.equal(drawn, image)), None)
+        if place is None:
+            return None
+        found.append(place)
+    return found
+
+
 def fresh_noise(seed: int, like: torch.Tensor, batch_inds=None) -> torch.Tensor:
     """z of the SDE solver: ComfyUI's own batch noise (``comfy.sample.prepare_noise``, one generator for the batch)
     for ``seed + Z_SEED_OFFSET``, so it is never the sampler's own noise; the global generator is left as it was."""
@@ -241,7 +262,8 @@ class OMSRun:
     def corrected(self, noise: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None, sigma0: float,
                   max_denoise: bool, seed: int | None, batch_inds=None) -> torch.Tensor:
         """The noise to start from instead of ``noise``; ``noise`` itself when the start is not pure noise (said in
-        the console). ``latent`` is the processed latent the sampler adds, ``mask`` its prepared denoise mask."""
+        the console). ``latent`` is the processed latent the sampler adds, ``mask`` its prepared denoise mask,
+        ``batch_inds`` the latent's batch indices (read back from ``noise`` when not given)."""
         start = SamplerStart.k_diffusion(sigma0, sgm_noise_multiplier=max_denoise)
         reason = start_skip_reason(noise_is_zero=not torch.any(noise), latent_is_empty=not torch.any(latent),
                                    masked=mask is not None, max_denoise=max_denoise) or skip_reason(start)
@@ -250,6 +272,8 @@ class OMSRun:
         if reason:
             log(f"skipped: {reason}")
             return noise
+        if self.solver == "SDE" and batch_inds is None:
+            batch_inds = batch_indices(noise, int(seed))
         z = fresh_noise(seed, noise, batch_inds) if self.solver == "SDE" else None
         out = oms_start(self.bundle.module, self.bundle.encoder, noise.float(), self.prompt, start=start, cfg=self.cfg,
                         negative_prompt=self.negative_prompt, solver=self.solver.lower(), z=z)

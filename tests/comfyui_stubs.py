@@ -184,9 +184,15 @@ def sample(patcher: ModelPatcher, noise, sigmas, latent_image, denoise_mask=None
 
 
 def prepare_noise(latent_image, seed, noise_inds=None):
-    """ComfyUI's batch noise: one CPU generator seeded with ``seed`` draws the whole batch."""
+    """ComfyUI's batch noise: one CPU generator seeded with ``seed`` (the global one, reseeded) draws the whole batch
+    at once; with batch indices (Latent From Batch) it draws one image at a time up to the largest index and keeps
+    the images at the indices asked for, repeats included."""
     generator = torch.manual_seed(seed)
-    return torch.randn(latent_image.size(), generator=generator, dtype=torch.float32)
+    if noise_inds is None:
+        return torch.randn(latent_image.size(), generator=generator, dtype=torch.float32)
+    one = [1, *latent_image.shape[1:]]
+    stream = [torch.randn(one, generator=generator, dtype=torch.float32) for _ in range(max(noise_inds) + 1)]
+    return torch.cat([stream[i] for i in noise_inds])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -132,6 +132,30 @@ def test_the_sampler_starts_at_x0_hat_plus_sigma0_z(comfy, sigmas, max_denoise):
     assert model.additional_models["one_more_step"] == [comfy.nodes.BUNDLES[next(iter(comfy.nodes.BUNDLES))].patcher]
 
 
+def test_an_image_remade_from_its_batch_index_equals_it_in_the_batch(comfy):
+    """Latent From Batch: the sampler gets the seed's noise at the latent's batch indices and is not told them; z
+    follows the same indices, so image 2 of a batch made alone is image 2 of the batch."""
+    model, _ = patched(comfy)
+    sigmas = torch.tensor([float(model.model.model_sampling.sigma_max), 1.0, 0.0])
+    latent, noise = latent_and_noise(batch=3)
+    batch = stubs.sample(model, noise, sigmas, latent, seed=5)
+    picked = stubs.prepare_noise(latent[:2], 5, [2, 0])
+    assert torch.equal(picked, noise[[2, 0]])  # the stand-in draws a batch as one image after another
+    remade = stubs.sample(model, picked, sigmas, latent[:2], seed=5)
+    assert torch.allclose(remade, batch[[2, 0]], atol=1e-5)
+    assert comfy.nodes.batch_indices(picked, 5) == [2, 0] and comfy.nodes.batch_indices(noise, 5) is None
+
+
+def test_noise_that_is_not_the_seeds_gets_the_plain_z(comfy):
+    model, _ = patched(comfy)
+    sigmas = torch.tensor([float(model.model.model_sampling.sigma_max), 1.0, 0.0])
+    latent = torch.zeros(2, 4, 8, 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(99))  # another NOISE node's
+    assert comfy.nodes.batch_indices(noise, 5) is None
+    x = stubs.sample(model, noise, sigmas, latent, seed=5)
+    assert torch.allclose(x, expected_start(comfy.oms, noise, 5, float(sigmas[0])), atol=1e-4)
+
+
 def test_ddim_solver_keeps_the_seed_noise(comfy):
     model, _ = patched(comfy, solver="DDIM")
     latent, noise = latent_and_noise()

@@ -100,6 +100,8 @@ def latent(kind: str) -> dict:
     shape = (2, 4, 8, 8)
     if kind == "empty":
         return {"samples": torch.zeros(shape)}
+    if kind == "from batch":  # as Latent From Batch leaves it: images 2 and 0 of a batch
+        return {"samples": torch.zeros(shape), "batch_index": [2, 0]}
     image = torch.randn(shape, generator=torch.Generator().manual_seed(3))
     if kind == "image":
         return {"samples": image}
@@ -142,12 +144,12 @@ def oms_files():
     return load_module(oms / MODULE), text_encoders.load_openclip_text_encoder(oms / "text_encoder")
 
 
-def expected_oms(x_T_prime: torch.Tensor, sigma0: float) -> torch.Tensor:
-    """x̂0 + σ₀·z, from the files: the k-diffusion start of the SDE solver."""
+def expected_oms(x_T_prime: torch.Tensor, sigma0: float, batch_index=None) -> torch.Tensor:
+    """x̂0 + σ₀·z, from the files: the k-diffusion start of the SDE solver (z at the latent's batch indices)."""
     module, encoder = oms_files()
     with torch.no_grad():
         x0_hat = -module.forward(x_T_prime, encoder.encode([PROMPT] * len(x_T_prime)))
-    return x0_hat + sigma0 * comfy.sample.prepare_noise(x_T_prime, SEED + Z_SEED_OFFSET)
+    return x0_hat + sigma0 * comfy.sample.prepare_noise(x_T_prime, SEED + Z_SEED_OFFSET, batch_index)
 
 
 EULER = {"sampler": "euler", "scheduler": "normal", "steps": 3}
@@ -162,6 +164,8 @@ CASES = {
     "ksampler v_prediction": {**EULER, "sampling": "v_prediction"},
     "ksampler lcm model sampling": {"sampler": "lcm", "scheduler": "sgm_uniform", "steps": 3, "sampling": "lcm"},
     "ksampler advanced start at step 1": {**EULER, "start_at_step": 1},
+    "ksampler latent from batch": {**EULER, "latent": "from batch"},
+    "custom advanced latent from batch": {**EULER, "run": "custom", "latent": "from batch"},
     "ksampler denoise 0.6 image": {**EULER, "denoise": 0.6, "latent": "image", "expect": "skipped"},
     "ksampler denoise 0.6 inpainting": {**EULER, "denoise": 0.6, "latent": "inpaint", "expect": "skipped"},
     "ksampler advanced add noise off": {**EULER, "add_noise": False, "expect": "skipped"},
@@ -199,7 +203,9 @@ def probe(case: dict) -> dict:
     result = {"expect": case["expect"], "sigma0": sigma0}
     if case["expect"] == "skipped":
         return {**result, "diff": float((x - x_plain).abs().max())}
-    want = expected_oms(comfy.sample.prepare_noise(latent(case["latent"])["samples"], SEED), sigma0)
+    start = latent(case["latent"])
+    batch_index = start.get("batch_index")
+    want = expected_oms(comfy.sample.prepare_noise(start["samples"], SEED, batch_index), sigma0, batch_index)
     inside = torch.ones(x.shape, dtype=torch.bool)
     if case["latent"] == "inpaint":
         inside = torch.zeros(x.shape, dtype=torch.bool)
