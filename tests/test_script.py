@@ -976,7 +976,7 @@ def test_forge_low_vram_states_offload_after_the_step(monkeypatch, oms_dir, fami
     assert webui.script_module.offload_after_use(True, plan.low_vram, "cuda") == low
 
 
-def gpu_plan(webui, oms_dir, low_vram=False):
+def gpu_plan(webui, low_vram=False):
     """A plan prepared on the CPU, then pointed at a GPU: make_room only reads where the weights are."""
     plan = webui.script_module.prepare(txt2img(), webui.script_module.parse_script_args(ON))
     plan.device, plan.low_vram = torch.device("cuda"), low_vram
@@ -986,7 +986,7 @@ def gpu_plan(webui, oms_dir, low_vram=False):
 @pytest.mark.parametrize("family", FORGE_FAMILY)
 def test_forge_manager_is_asked_for_the_weights_and_inference_room(monkeypatch, oms_dir, family):
     webui = make_webui(monkeypatch, oms_dir, family=family)
-    plan = gpu_plan(webui, oms_dir)
+    plan = gpu_plan(webui)
     weights = sum(t.numel() * t.element_size() for t in plan.module.unet.parameters())
     weights += sum(t.numel() * t.element_size() for t in plan.module.unet.buffers())
     webui.script_module.make_room(plan)
@@ -997,7 +997,7 @@ def test_forge_manager_is_asked_for_the_weights_and_inference_room(monkeypatch, 
 @pytest.mark.parametrize("low_vram, sent", [(True, [1]), (False, [])])
 def test_a1111_low_vram_sends_its_model_away_and_has_no_manager(monkeypatch, oms_dir, low_vram, sent):
     webui = make_webui(monkeypatch, oms_dir, family="a1111")
-    plan = gpu_plan(webui, oms_dir, low_vram=low_vram)
+    plan = gpu_plan(webui, low_vram=low_vram)
     webui.script_module.make_room(plan)
     assert webui.modules["lowvram"].calls == sent and webui.memory_manager is None
 
