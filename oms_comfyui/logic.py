@@ -20,6 +20,8 @@ EPS_SCALING = "EPS"
 # Stable Cascade's schedule, x0 / image-to-image predictions, flow matching.
 NOT_SD_SAMPLING = {"ModelSamplingDiscreteEDM", "StableCascadeSampling", "EDM", "X0", "IMG_TO_IMG", "CONST",
                    "IMG_TO_IMG_FLOW"}
+# The class ComfyUI's ModelSampling* nodes compose from a schedule and a prediction type: it names neither.
+COMPOSED_SAMPLING = "ModelSamplingAdvanced"
 APPLIES = ("OMS applies where sampling starts from pure noise: an empty latent, or the masked area of an inpainting "
            "at denoise 1")
 
@@ -34,8 +36,9 @@ def model_skip_reason(latent_format: str, model_class: str, sampling: Iterable[s
                 "(train one for this latent space with the trainer)")
     sampling = list(sampling)
     if DISCRETE_SCHEDULE not in sampling or EPS_SCALING not in sampling or NOT_SD_SAMPLING.intersection(sampling):
-        return (f"the model samples with {' + '.join(sampling)}: OMS needs SD's discrete-time schedule with eps or "
-                "v prediction (not EDM, flow matching or x0 prediction)")
+        named = " + ".join(name for name in sampling if name != COMPOSED_SAMPLING)
+        return (f"the model samples with {named}: OMS needs SD's discrete-time schedule with eps or v prediction "
+                "(not EDM, flow matching or x0 prediction)")
     return None
 
 

@@ -206,7 +206,8 @@ def latent_format_name(model) -> str:
 
 
 def model_reason(model) -> str | None:
-    sampling = [cls.__name__ for cls in type(model.get_model_object("model_sampling")).__mro__]
+    sampling = [cls.__name__ for cls in type(model.get_model_object("model_sampling")).__mro__
+                if cls not in (torch.nn.Module, object)]
     return model_skip_reason(latent_format_name(model), type(model.model).__name__, sampling)
 
 

@@ -45,6 +45,12 @@ def test_model_skip_reason(latent_format, model_class, sampling, fits):
         assert "refiner" in reason
 
 
+def test_model_skip_reason_names_the_schedule_and_prediction_not_the_composed_class():
+    reason = logic.model_skip_reason("SD15", "BaseModel", ["ModelSamplingAdvanced", "ModelSamplingContinuousEDM",
+                                                           "EPS"])
+    assert "samples with ModelSamplingContinuousEDM + EPS:" in reason and "Advanced" not in reason
+
+
 @pytest.mark.parametrize(("noise_is_zero", "latent_is_empty", "masked", "max_denoise", "word"), [
     (False, True, False, True, None),
     (False, True, False, False, None),  # ddim_uniform starts below σ_max: still pure noise

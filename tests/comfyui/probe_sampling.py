@@ -1,6 +1,7 @@
-"""Runs in a real ComfyUI's Python (test_comfyui.py starts it): samples with a tiny random SD 1.5-shaped model through
-ComfyUI's own KSampler, KSamplerAdvanced and SamplerCustomAdvanced, with and without the One More Step nodes, and
-writes as JSON, per case, what the sampler's first model call gets against what it should get.
+"""Runs in a real ComfyUI's Python (test_comfyui.py starts it): samples with tiny random SD 1.5- and SDXL-shaped
+models (the SDXL refiner and Playground 2.5 among them) through ComfyUI's own KSampler, KSamplerAdvanced and
+SamplerCustomAdvanced, with and without the One More Step nodes, and writes as JSON, per case, what the sampler's
+first model call gets against what it should get.
 
     COMFYUI_PYTHON tests/comfyui/probe_sampling.py COMFYUI_PATH WORK_DIR OUT_JSON
 
@@ -8,13 +9,16 @@ WORK_DIR becomes ComfyUI's --base-directory (its models/oms gets tiny OMS files)
 
 Per case: ``expect`` "oms" (the first x must be x̂0 + σ₀·z: ``diff`` against it, ``scale`` its size, ``plain_diff``
 how far it is from the plain run) or "skipped" (``diff`` against the plain run, which must be 0); inpainting cases
-add ``outside``, the difference to the plain run outside the mask (0). ``sigma0`` is the first call's σ.
+add ``outside``, the difference to the plain run outside the mask (0). ``sigma0`` is the first call's σ, ``module``
+the OMS module "Automatic" must pick for the family (None: none fits), ``said`` what the nodes logged while they ran.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -35,7 +39,7 @@ import comfy.supported_models  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402
 import torch  # noqa: E402
 from comfy_extras import nodes_custom_sampler, nodes_model_advanced  # noqa: E402
-from comfyui_assets import MODULE, tiny_encoder_loader, write_oms_folder  # noqa: E402
+from comfyui_assets import MODULE, SDXL_MODULE, tiny_encoder_loader, write_oms_folder  # noqa: E402
 
 from lib_oms import text_encoders  # noqa: E402
 from lib_oms.engine import Z_SEED_OFFSET  # noqa: E402
@@ -50,6 +54,19 @@ TINY_UNET = {"in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res
              "transformer_depth": [1], "transformer_depth_output": [1, 1], "transformer_depth_middle": 1,
              "context_dim": 32, "use_linear_in_transformer": False, "adm_in_channels": None,
              "use_temporal_attention": False, "use_spatial_transformer": True, "legacy": False, "image_size": 32}
+# SDXL's UNet reads its pooled text embedding and size conditioning (1280 + 6·256, the refiner 1280 + 5·256) through a
+# "sequential" label embedding; its attention has 64 channels a head (ComfyUI sets that for every model but SD 1.x).
+TINY_XL = {**TINY_UNET, "model_channels": 64, "adm_in_channels": 2816, "num_classes": "sequential",
+           "use_linear_in_transformer": True}
+# By family: ComfyUI's model config, its UNet config, the state-dict keys its model detection reads (Playground 2.5
+# is an SDXL checkpoint with edm_mean/edm_std: its own latent format on an EDM schedule), and the OMS module that
+# "Automatic" must pick (None: OMS must skip the model).
+FAMILIES = {
+    "sd15": (comfy.supported_models.SD15, TINY_UNET, (), MODULE),
+    "sdxl": (comfy.supported_models.SDXL, TINY_XL, (), SDXL_MODULE),
+    "sdxl refiner": (comfy.supported_models.SDXLRefiner, {**TINY_XL, "adm_in_channels": 2560}, (), None),
+    "playground 2.5": (comfy.supported_models.SDXL, TINY_XL, ("edm_mean", "edm_std"), None),
+}
 
 # Model patches of ComfyUI's own nodes, by name: (node class, its inputs after the model).
 SAMPLING_PATCHES = {
@@ -61,11 +78,12 @@ SAMPLING_PATCHES = {
 }
 
 
-def tiny_model():
+def tiny_model(family: str):
     torch.manual_seed(0)
-    config = comfy.supported_models.SD15(dict(TINY_UNET))
+    config_class, unet, detected_keys, _ = FAMILIES[family]
+    config = config_class(dict(unet))
     config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({})
+    model = config.get_model({key: torch.zeros(1, 4, 1, 1) for key in detected_keys})
     with torch.no_grad():
         for parameter in model.diffusion_model.parameters():  # ComfyUI's layers start uninitialised
             parameter.copy_(torch.randn_like(parameter) * 0.05)
@@ -111,7 +129,7 @@ def latent(kind: str) -> dict:
 
 
 def positive():
-    return [[torch.zeros(1, 77, 32), {}]]
+    return [[torch.zeros(1, 77, 32), {"pooled_output": torch.zeros(1, 1280)}]]  # SD 1.5 ignores the pooled output
 
 
 def ksampler(model, case, lat):
@@ -133,6 +151,23 @@ def custom_advanced(model, case, lat, noise=None):
         case["sampler"]), sigmas, lat)
 
 
+@contextlib.contextmanager
+def console():
+    """What the nodes log meanwhile (ComfyUI shows INFO in its console)."""
+    said = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(record.getMessage())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield said
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def first_x(run, model, case) -> tuple[torch.Tensor, float]:
     seen = []
     run(watched(model, seen), case, latent(case["latent"]))
@@ -140,13 +175,13 @@ def first_x(run, model, case) -> tuple[torch.Tensor, float]:
 
 
 @functools.cache
-def oms_files():
-    return load_module(oms / MODULE), text_encoders.load_openclip_text_encoder(oms / "text_encoder")
+def oms_files(module_name: str):
+    return load_module(oms / module_name), text_encoders.load_openclip_text_encoder(oms / "text_encoder")
 
 
-def expected_oms(x_T_prime: torch.Tensor, sigma0: float, batch_index=None) -> torch.Tensor:
+def expected_oms(module_name: str, x_T_prime: torch.Tensor, sigma0: float, batch_index=None) -> torch.Tensor:
     """x̂0 + σ₀·z, from the files: the k-diffusion start of the SDE solver (z at the latent's batch indices)."""
-    module, encoder = oms_files()
+    module, encoder = oms_files(module_name)
     with torch.no_grad():
         x0_hat = -module.forward(x_T_prime, encoder.encode([PROMPT] * len(x_T_prime)))
     return x0_hat + sigma0 * comfy.sample.prepare_noise(x_T_prime, SEED + Z_SEED_OFFSET, batch_index)
@@ -178,34 +213,44 @@ CASES = {
     "custom advanced euler": {**EULER, "run": "custom"},
     "custom advanced OMS noise": {"sampler": "dpmpp_2m", "scheduler": "karras", "steps": 3, "run": "noise"},
     "custom advanced OMS noise inpainting": {**EULER, "run": "noise", "latent": "inpaint"},
+    "sdxl ksampler euler normal": {**EULER, "family": "sdxl"},
+    "sdxl ksampler dpmpp_2m karras": {"sampler": "dpmpp_2m", "scheduler": "karras", "steps": 3, "family": "sdxl"},
+    "sdxl custom advanced OMS noise": {**EULER, "run": "noise", "family": "sdxl"},
+    "sdxl ksampler denoise 0.6 image": {**EULER, "denoise": 0.6, "latent": "image", "family": "sdxl",
+                                        "expect": "skipped"},
+    "sdxl refiner ksampler": {**EULER, "family": "sdxl refiner", "expect": "skipped"},
+    "playground 2.5 ksampler": {**EULER, "scheduler": "karras", "family": "playground 2.5", "expect": "skipped"},
 }
 
 
 def probe(case: dict) -> dict:
-    case = {"latent": "empty", "expect": "oms", "run": "ksampler", **case}
-    before = patch_sampling(tiny_model(), None if case.get("after") else case.get("sampling"))
+    case = {"latent": "empty", "expect": "oms", "run": "ksampler", "family": "sd15", **case}
+    before = patch_sampling(tiny_model(case["family"]), None if case.get("after") else case.get("sampling"))
     plain = patch_sampling(before, case.get("sampling")) if case.get("after") else before
     loader = oms_loader()
-    if case["run"] == "noise":
-        def with_noise(model, case, lat):
-            def make(sigmas):
-                return nodes.OMSNoiseNode.execute(nodes_custom_sampler.Noise_RandomNoise(SEED), plain, sigmas, loader,
-                                                  PROMPT, "", 1.0, "SDE").args[0]
-            return custom_advanced(model, case, lat, make)
-        run, model = with_noise, plain
-    else:
-        run = custom_advanced if case["run"] == "custom" else ksampler
-        model = nodes.OneMoreStep.execute(before, loader, PROMPT, "", 1.0, "SDE").args[0]
-        if case.get("after"):
-            model = patch_sampling(model, case["sampling"])
-    x, sigma0 = first_x(run, model, case)
+    with console() as said:  # the nodes' own run: what they apply, or why not
+        if case["run"] == "noise":
+            def with_noise(model, case, lat):
+                def make(sigmas):
+                    return nodes.OMSNoiseNode.execute(nodes_custom_sampler.Noise_RandomNoise(SEED), plain, sigmas,
+                                                      loader, PROMPT, "", 1.0, "SDE").args[0]
+                return custom_advanced(model, case, lat, make)
+            run, model = with_noise, plain
+        else:
+            run = custom_advanced if case["run"] == "custom" else ksampler
+            model = nodes.OneMoreStep.execute(before, loader, PROMPT, "", 1.0, "SDE").args[0]
+            if case.get("after"):
+                model = patch_sampling(model, case["sampling"])
+        x, sigma0 = first_x(run, model, case)
     x_plain, _ = first_x(ksampler if case["run"] == "ksampler" else custom_advanced, plain, case)
-    result = {"expect": case["expect"], "sigma0": sigma0}
+    module = FAMILIES[case["family"]][3]
+    result = {"expect": case["expect"], "sigma0": sigma0, "module": module,
+              "said": [line for line in said if nodes.TITLE in line]}
     if case["expect"] == "skipped":
         return {**result, "diff": float((x - x_plain).abs().max())}
     start = latent(case["latent"])
     batch_index = start.get("batch_index")
-    want = expected_oms(comfy.sample.prepare_noise(start["samples"], SEED, batch_index), sigma0, batch_index)
+    want = expected_oms(module, comfy.sample.prepare_noise(start["samples"], SEED, batch_index), sigma0, batch_index)
     inside = torch.ones(x.shape, dtype=torch.bool)
     if case["latent"] == "inpaint":
         inside = torch.zeros(x.shape, dtype=torch.bool)

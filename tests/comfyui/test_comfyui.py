@@ -7,8 +7,9 @@ this project's requirements.txt. Nothing here imports ComfyUI: it runs in subpro
 folders under pytest's tmp_path (ComfyUI's --base-directory and --database-url point there), and the ComfyUI folder
 is checked to be left as it was.
 
-- The probe (probe_sampling.py, a tiny random SD 1.5-shaped model, under a minute): every sampler path starts at
-  x̂0 + σ₀·z with OMS, every start that is not pure noise is left as it was.
+- The probe (probe_sampling.py, tiny random SD 1.5- and SDXL-shaped models, under a minute): every sampler path starts
+  at x̂0 + σ₀·z with OMS and the module of the model's family, every start that is not pure noise and every model no
+  module fits (the SDXL refiner, Playground 2.5, zero-terminal SNR, EDM, flow) is left as it was, saying why.
 - The server (under 2 minutes on 2 CPU cores, plus about 1 minute the first time to make the OMS files): ComfyUI's
   HTTP API lists the nodes and runs checkpoint → One More Step → KSampler → VAE decode → save image, without OMS,
   with it and with it bypassed. It needs a random SD 1.5 checkpoint (COMFYUI_TEST_CHECKPOINT, or the one the WebUI
@@ -119,6 +120,22 @@ def test_probe_oms_covers_starts_below_sigma_max(probe):
 def test_probe_skipped_cases_are_untouched(probe):
     touched = {name: case for name, case in cases(probe, "skipped").items() if case["diff"] != 0.0}
     assert not touched, f"a start that is not pure noise was changed: {touched}"
+
+
+def test_probe_every_case_says_what_the_nodes_did(probe):
+    """OMS cases name the module "Automatic" picked for the family (the SDXL one for SDXL); the others say why not."""
+    silent = {name: case["said"] for name, case in probe.items()
+              if not any(("starts from the OMS latent" in line and f"{case['module']} [" in line)
+                         if case["expect"] == "oms" else "skipped: " in line for line in case["said"])}
+    assert not silent, f"the console does not say what One More Step did: {silent}"
+    assert {case["module"] for case in cases(probe, "oms").values()} == {"oms_tiny_15_21", "oms_tiny_xl"}
+
+
+@pytest.mark.parametrize(("name", "reason"), [("sdxl refiner ksampler", "SDXL refiner"),
+                                              ("playground 2.5 ksampler", "latent space is SDXL_Playground_2_5"),
+                                              ("ksampler zsnr", "zero-terminal-SNR")])
+def test_probe_models_without_a_module_are_skipped_saying_why(probe, name, reason):
+    assert probe[name]["expect"] == "skipped" and any(reason in line for line in probe[name]["said"])
 
 
 def test_probe_inpainting_leaves_the_outside_of_the_mask_untouched(probe):
