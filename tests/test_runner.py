@@ -52,7 +52,7 @@ def test_forge_classic_is_recognised_by_its_xyz_folder_and_always_cpu(tmp_path):
     kind = host.detect(folder)
     assert kind.name == "Forge Classic" and kind.forge_family and not kind.can_make_checkpoint
     assert kind.cpu_flags() == ("--always-cpu",)
-    assert kind.test_set() == ("-m", "smoke or xyz")
+    assert kind.test_set() == ("-m", "smoke or xyz or browser")
 
 
 def test_forge_neo_gets_only_the_flags_it_has(tmp_path):
@@ -66,10 +66,20 @@ def test_forge_neo_gets_only_the_flags_it_has(tmp_path):
     kind = host.detect(folder)
     assert kind.name == "Forge Neo"
     assert kind.start_flags() == ("--skip-prepare-environment", "--api", "--server-name", "127.0.0.1", "--cpu")
+    assert kind.own_files_flags(folder) == ()  # this fake lacks --gradio-allowed-path
     data = run.data_folder(tmp_path / "work", "tests", kind, tmp_path / "ckpt.safetensors", None)
     # without its VERSION_UID, Neo takes the config.json for an old one and waits for Enter at start-up
     assert json.loads((data / "config.json").read_text()) == {"VERSION_UID": "PY313",
                                                               "sd_model_checkpoint": run.CHECKPOINT_NAME}
+
+
+def test_a_webui_that_serves_only_allowed_paths_may_serve_its_own_folder(tmp_path):
+    """Forge Neo's allowed paths default to --data-dir: without its own folder there, every script of its UI is 403."""
+    folder = webui(tmp_path, {"modules/cmd_args.py": flags("--gradio-allowed-path", "--skip-prepare-environment"),
+                              "modules/paths_internal.py": flags("--data-dir"), "backend/args.py": flags("--cpu"),
+                              "modules_forge/__init__.py": "",
+                              "README.md": '<h1 align="center">Stable Diffusion WebUI Forge - Neo</h1>\n'})
+    assert host.detect(folder).own_files_flags(folder) == ("--gradio-allowed-path", str(folder))
 
 
 def test_reforge_starts_without_live_previews(tmp_path):

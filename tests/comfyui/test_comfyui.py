@@ -16,6 +16,8 @@ is checked to be left as it was.
   runner makes, tests/webui/harness/run.py; skipped without one) and full-size random OMS files: those beside that
   checkpoint when the runner made them, else made once with the runner's assets.py into test-webuis/assets (1.6 GB),
   since the nodes load the real OpenCLIP ViT-H/14 architecture.
+- The frontend (needs playwright and a Chromium, tests/browser.py; skipped without them): the documented workflow
+  opened as a file in ComfyUI's own frontend, and run from its Run button.
 """
 
 from __future__ import annotations
@@ -334,3 +336,65 @@ def test_server_oms_bypassed_is_bit_identical_to_the_plain_workflow(runs):
     (entry, bypassed), (_, plain) = runs["bypassed"], runs["plain"]
     assert "3" not in entry["outputs"]
     assert bypassed == plain
+
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ComfyUI's own frontend in a browser (skipped without playwright and a Chromium: tests/browser.py)
+
+FRONTEND_MS = 180_000
+WIDGETS_SMALL = {"1": {"ckpt_name": CHECKPOINT_NAME}, "6": {"width": 64, "height": 64}, "7": {"steps": 2}}
+
+
+def close_dialogs(page) -> None:
+    """Closes what the frontend shows over the canvas once it is up (it opens them a little after the graph)."""
+    close = page.get_by_role("button", name="Close dialog", exact=True)
+    try:
+        close.first.wait_for(state="visible", timeout=15_000)
+    except browser_timeout():
+        return
+    while close.count():
+        close.first.click()
+        page.wait_for_timeout(500)
+
+
+def browser_timeout():
+    import browser
+
+    return browser.sync_api.TimeoutError
+
+
+def test_browser_the_documented_workflow_opens_and_runs_in_comfyuis_frontend(server):
+    """docs/comfyui_workflow_api.json opened as a user opens a file: the frontend knows every node (the graph it
+    builds gives back the same prompt), and, made small (our random checkpoint, 64 px, 2 steps), Run makes the image
+    with One More Step's text under its node."""
+    import browser
+
+    documented = json.loads(DOCS_WORKFLOW.read_text())
+    with browser.opened(server.url, "#graph-canvas", FRONTEND_MS, "sd-webui-one-more-step") as page:
+        page.wait_for_function("() => window.app && window.app.graph && window.app.vueAppReady", timeout=FRONTEND_MS)
+        page.set_input_files("#comfy-file-input", str(DOCS_WORKFLOW))  # Workflow → Open
+        page.wait_for_function("n => window.app.graph.nodes.length === n", arg=len(documented), timeout=60_000)
+        close_dialogs(page)  # the templates a new user is shown
+        built = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+        assert {key: {"class_type": node["class_type"], "inputs": node["inputs"]} for key, node in built.items()} \
+            == documented
+        page.evaluate("""small => { for (const node of window.app.graph.nodes)
+                for (const [name, value] of Object.entries(small[node.id] || {}))
+                    node.widgets.find(widget => widget.name === name).value = value; }""", WIDGETS_SMALL)
+        before = set(server.request("/history"))
+        page.get_by_test_id("queue-button").click()  # Run
+        deadline = time.monotonic() + PROMPT_S
+        while not set(server.request("/history")) - before:
+            assert time.monotonic() < deadline, f"Run queued nothing that finished in {PROMPT_S} s:\n{server.tail()}"
+            time.sleep(1)
+        (prompt_id,) = set(server.request("/history")) - before
+        while server.request(f"/history/{prompt_id}")[prompt_id]["status"].get("completed") is None:
+            time.sleep(1)
+        entry = server.request(f"/history/{prompt_id}")[prompt_id]
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        (text,) = entry["outputs"]["3"]["text"]
+        assert text.startswith(f"One More Step: module {MODULE_NAME} [") and PROMPT in text
+        assert len(entry["outputs"]["9"]["images"]) == 1
+        assert not page.errors, page.errors

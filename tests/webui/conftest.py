@@ -44,6 +44,7 @@ XYZ = {
 def pytest_configure(config):
     config.addinivalue_line("markers", "smoke: the real-WebUI smoke set every WebUI runs")
     config.addinivalue_line("markers", "xyz: the X/Y/Z plot tests the Forge family runs beside the smoke set")
+    config.addinivalue_line("markers", "browser: the UI in a real browser (test_webui_browser.py), on every WebUI")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -52,6 +53,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.smoke)
         if item.name in XYZ:
             item.add_marker(pytest.mark.xyz)
+        if Path(item.path).name == "test_webui_browser.py":
+            item.add_marker(pytest.mark.browser)
     if api.BASE_URL:
         return
     skip = pytest.mark.skip(reason="SD_WEBUI_URL is not set: no WebUI server to test against")

@@ -26,7 +26,7 @@ NOT_THE_USERS = {"__pycache__"}
 IN_TREE_STATE = ("config_states",)
 # The test sets of tests/webui (markers from tests/webui/conftest.py).
 ALL_TESTS: tuple[str, ...] = ()
-SMOKE_AND_XYZ = ("-m", "smoke or xyz")
+SMOKE_XYZ_AND_BROWSER = ("-m", "smoke or xyz or browser")
 # The argument-parser files where WebUIs of the A1111 family define their command-line flags.
 FLAG_FILES = ("modules/cmd_args.py", "modules/paths_internal.py", "backend/args.py",
               "ldm_patched/modules/args_parser.py")
@@ -59,9 +59,16 @@ class Kind:
         return (*(flag for flag in wanted if flag in self.flags), "--api", "--server-name", "127.0.0.1",
                 *self.cpu_flags())
 
+    def own_files_flags(self, folder: Path) -> tuple[str, ...]:
+        """Lets the WebUI serve its own scripts while ``--data-dir`` is elsewhere: Forge Neo (gradio 4) serves files
+        only from gradio's allowed paths, which default to the data folder, and answers 403 for every script of its
+        own otherwise (its UI then has no hints, no paste, no input accordions)."""
+        return ("--gradio-allowed-path", str(folder)) if "--gradio-allowed-path" in self.flags else ()
+
     def test_set(self) -> tuple[str, ...]:
-        """A1111 runs all of tests/webui; the Forge family the smoke and X/Y/Z sets (their X/Y/Z is their own copy)."""
-        return SMOKE_AND_XYZ if self.forge_family else ALL_TESTS
+        """A1111 runs all of tests/webui; the Forge family the smoke, X/Y/Z (their X/Y/Z is their own copy) and browser
+        sets (their UI is their own too)."""
+        return SMOKE_XYZ_AND_BROWSER if self.forge_family else ALL_TESTS
 
 
 def defined_flags(folder: Path) -> frozenset[str]:

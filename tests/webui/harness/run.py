@@ -120,7 +120,8 @@ def serve_and_test(name: str, folder: Path, python: Path, kind: Kind, data: Path
                    test_env: dict | None = None) -> dict:
     """Starts the WebUI, runs pytest against it and stops it, whatever happens in between."""
     flags = ("--data-dir", str(data), *(("--ckpt", str(data / "models" / "Stable-diffusion" / CHECKPOINT_NAME))
-                                        if "--ckpt" in kind.flags else ()), *kind.start_flags(), *flags)
+                                        if "--ckpt" in kind.flags else ()), *kind.own_files_flags(folder),
+             *kind.start_flags(), *flags)
     server = Server(folder, python, flags, hf_home, work / "logs" / f"{name}.log", env_changes=server_env)
     result = {"phase": name}
     try:
