@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 COMFYUI, WORK, OUT = (Path(arg) for arg in sys.argv[1:4])
 REPO = Path(__file__).resolve().parents[2]
@@ -61,11 +62,18 @@ TINY_XL = {**TINY_UNET, "model_channels": 64, "adm_in_channels": 2816, "num_clas
 # By family: ComfyUI's model config, its UNet config, the state-dict keys its model detection reads (Playground 2.5
 # is an SDXL checkpoint with edm_mean/edm_std: its own latent format on an EDM schedule), and the OMS module that
 # "Automatic" must pick (None: OMS must skip the model).
+class Family(NamedTuple):
+    config: type
+    unet: dict
+    detected_keys: tuple[str, ...]
+    module: str | None
+
+
 FAMILIES = {
-    "sd15": (comfy.supported_models.SD15, TINY_UNET, (), MODULE),
-    "sdxl": (comfy.supported_models.SDXL, TINY_XL, (), SDXL_MODULE),
-    "sdxl refiner": (comfy.supported_models.SDXLRefiner, {**TINY_XL, "adm_in_channels": 2560}, (), None),
-    "playground 2.5": (comfy.supported_models.SDXL, TINY_XL, ("edm_mean", "edm_std"), None),
+    "sd15": Family(comfy.supported_models.SD15, TINY_UNET, (), MODULE),
+    "sdxl": Family(comfy.supported_models.SDXL, TINY_XL, (), SDXL_MODULE),
+    "sdxl refiner": Family(comfy.supported_models.SDXLRefiner, {**TINY_XL, "adm_in_channels": 2560}, (), None),
+    "playground 2.5": Family(comfy.supported_models.SDXL, TINY_XL, ("edm_mean", "edm_std"), None),
 }
 
 # Model patches of ComfyUI's own nodes, by name: (node class, its inputs after the model).
@@ -80,10 +88,10 @@ SAMPLING_PATCHES = {
 
 def tiny_model(family: str):
     torch.manual_seed(0)
-    config_class, unet, detected_keys, _ = FAMILIES[family]
-    config = config_class(dict(unet))
+    chosen = FAMILIES[family]
+    config = chosen.config(dict(chosen.unet))
     config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({key: torch.zeros(1, 4, 1, 1) for key in detected_keys})
+    model = config.get_model({key: torch.zeros(1, 4, 1, 1) for key in chosen.detected_keys})
     with torch.no_grad():
         for parameter in model.diffusion_model.parameters():  # ComfyUI's layers start uninitialised
             parameter.copy_(torch.randn_like(parameter) * 0.05)
@@ -243,7 +251,7 @@ def probe(case: dict) -> dict:
                 model = patch_sampling(model, case["sampling"])
         x, sigma0 = first_x(run, model, case)
     x_plain, _ = first_x(ksampler if case["run"] == "ksampler" else custom_advanced, plain, case)
-    module = FAMILIES[case["family"]][3]
+    module = FAMILIES[case["family"]].module
     result = {"expect": case["expect"], "sigma0": sigma0, "module": module,
               "said": [line for line in said if nodes.TITLE in line]}
     if case["expect"] == "skipped":
