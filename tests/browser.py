@@ -27,16 +27,17 @@ def executable() -> str:
 
 
 @contextlib.contextmanager
-def opened(url: str, ready: str, timeout_ms: float, own_script: str):
+def opened(url: str, ready: str, timeout_ms: float, own_script: str | None = None):
     """A page at ``url`` once ``ready`` (a selector) is in it. ``page.errors``: the script errors whose stack names
-    ``own_script`` (this project's file; a host's own errors are the host's)."""
+    ``own_script``, this project's script on that page (a host's own errors are the host's)."""
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable(), args=FLAGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 2000})
             page.errors = []
-            page.on("pageerror", lambda error: page.errors.append(error.stack)
-                    if own_script in (error.stack or "") else None)
+            if own_script:
+                page.on("pageerror", lambda error: page.errors.append(error.stack)
+                        if own_script in (error.stack or "") else None)
             page.goto(url, timeout=timeout_ms)
             page.wait_for_selector(ready, state="attached", timeout=timeout_ms)
             yield page

@@ -16,9 +16,10 @@ the extension's install.py installs on a normal start. The runner
    links to this checkout and whose models/ hold the test files, and with HF_HOME set to the work folder: the
    WebUI's own models, extensions, config.json, ui-config.json and the user's Hugging Face cache are not read or
    written;
-4. runs the tests/webui set that fits the kind (all for A1111, smoke and X/Y/Z for the Forge family; ``--all``
-   for everything), then, as on a user's first day, starts it again with an empty models/oms and tests/fake_hub.py
-   as the hub for test_webui_first_use.py, and the prompt-parser agreement test against the WebUI's source;
+4. runs the tests/webui set that fits the kind (all for A1111, smoke, X/Y/Z and browser for the Forge family;
+   ``--all`` for everything), then, as on a user's first day, starts it again with an empty models/oms and
+   tests/fake_hub.py as the hub for test_webui_first_use.py, and the prompt-parser agreement test against the WebUI's
+   source;
 5. stops the server (also when a test or the server fails), checks that the WebUI's folder is byte-identical to
    before (Python's __pycache__ aside) and prints the counts. Exits non-zero if anything failed or changed.
 """
