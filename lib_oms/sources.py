@@ -1,48 +1,53 @@
-"""Where an OMS module and its text encoder come from, and in which precision they run (decisions 6, 7, 10), on
-plain values: every host's glue (the A1111-family script, the ComfyUI nodes) passes in its folders and settings.
+"""Where an OMS module and its text encoder come from, and in which precision they run, on plain values: each host
+tells its folders, settings and its own words for them (``HostWords``); ``lib_oms.runtime`` asks these.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .catalog import OPENCLIP_H, RELEASED_MODULES, SDXL_MIXCLIP
 from .errors import ModuleFileError, ModuleMissingError, TextEncoderError, TextEncoderMissingError
 from .module_files import file_version
+from .options import AUTOMATIC
 from .text_encoders import OPENCLIP_VIT_H14, holds_text_tower
 
-AUTOMATIC = "Automatic"
+
+@dataclass(frozen=True)
+class HostWords:
+    """A host's own words for the places its user acts on, in the messages that say what to do."""
+
+    text_encoder_setting: str  # where the text encoder's file is set, e.g. "Settings > One More Step"
+    other_places: str  # what else the host searches for the text encoder; "{hub_dir}" is filled in
+    refresh: str  # what makes a module placed while the host runs appear, e.g. "press the refresh button"
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Modules and text encoders
 
-RELEASED_MODULES = {
-    "sd": "h1t/oms_b_openclip_15_21 (SD1.5 / SD2.1 and their fine-tunes, LoRAs, LCM)",
-    "sdxl": "h1t/oms_b_openclip_xl (SDXL and its fine-tunes, LoRAs)",
-}
 
-
-def named_module(name: str, entries: Sequence, searched: Sequence[Path]):
+def named_module(name: str, entries: Sequence, searched: Sequence[Path], words: HostWords):
     """The module entry called ``name``; ModuleFileError saying where it was looked for when there is none."""
     for entry in entries:
         if entry.name == name:
             return entry
     where = ", ".join(str(path) for path in searched)
-    raise ModuleFileError(f"OMS module {name!r} was not found in {where}: put it there and press the refresh button, "
-                          "or choose 'Automatic'")
+    raise ModuleFileError(f"OMS module {name!r} was not found in {where}: put it there and {words.refresh}, "
+                          f"or choose {AUTOMATIC!r}")
 
 
 def choose_module(choice: str, entries: Sequence, latent_space: str, default_name: str,
-                  latent_space_of: Callable[[object], str], searched: Sequence[Path]):
+                  latent_space_of: Callable[[object], str], searched: Sequence[Path], words: HostWords):
     """The module entry to use: the one named, or for "Automatic" the default set for this latent space, else the
     first found module of this latent space. Raises ModuleFileError (ModuleMissingError when "Automatic" finds no
     module of this latent space, which a download can fix) saying what to download and where."""
     if choice != AUTOMATIC:
-        return named_module(choice, entries, searched)
+        return named_module(choice, entries, searched, words)
     where = ", ".join(str(path) for path in searched)
     by_name = {entry.name: entry for entry in entries}
     if default_name and default_name in by_name and latent_space_of(by_name[default_name]) == latent_space:
@@ -50,24 +55,22 @@ def choose_module(choice: str, entries: Sequence, latent_space: str, default_nam
     for entry in entries:
         if latent_space_of(entry) == latent_space:
             return entry
-    wanted = RELEASED_MODULES.get(latent_space, f"an OMS module trained for the {latent_space} latent space")
+    released = RELEASED_MODULES.get(latent_space)
+    wanted = released.describe() if released else f"an OMS module trained for the {latent_space} latent space"
     raise ModuleMissingError(f"no OMS module for this checkpoint's latent space ({latent_space}) was found in {where}: "
                           f"download {wanted} into one of these folders (see models/README.md)")
 
 
 @dataclass(frozen=True)
 class EncoderSource:
-    """Where the text encoder comes from: the loaded checkpoint's own weights, or a file or folder."""
+    """Where the text encoder comes from: the loaded model's own weights, or a file or folder."""
 
-    origin: str  # "checkpoint" | "file"
+    origin: str  # "model" | "file"
     path: Path | None = None
 
     def describe(self) -> str:
-        return "the loaded checkpoint's text encoder" if self.origin == "checkpoint" else str(self.path)
+        return "the loaded model's own text encoder" if self.origin == "model" else str(self.path)
 
-
-OPENCLIP_H = "openclip-h"
-SDXL_MIXCLIP = "sdxl-mixclip"
 # Where the local Hugging Face cache keeps SD 2.x's text encoder: Stability AI's SD 2.x repositories (deleted from the
 # hub in November 2025, still in older caches), the sd2-community mirrors, and LAION's OpenCLIP ViT-H/14 itself.
 _HF_CACHE_GLOBS = (
@@ -76,7 +79,6 @@ _HF_CACHE_GLOBS = (
     "models--laion--CLIP-ViT-H-14-laion2B-s32B-b79K/snapshots/*/open_clip_model.safetensors",
     "models--laion--CLIP-ViT-H-14-laion2B-s32B-b79K/snapshots/*/model.safetensors",
 )
-
 
 
 def huggingface_hub_dir(environ: dict | None = None) -> Path:
@@ -97,15 +99,17 @@ def _usable(path: Path) -> bool:
     return path.is_dir() and any(path.glob("*.safetensors"))
 
 
-def placed_text_encoders(setting_path: str, module_dirs: Sequence[Path]) -> list[Path]:
-    """Text encoders the user placed, in search order: the setting's path, then ``*text_encoder*`` in the module
-    folders (``<models>/oms/text_encoder/`` first). A set path that does not exist raises: it is a typo to fix."""
+def placed_text_encoders(setting_path: str, module_dirs: Sequence[Path], words: HostWords | None = None) -> list[Path]:
+    """Text encoders the user placed, in search order: the set path, then ``*text_encoder*`` in the module folders
+    (``<models>/oms/text_encoder/`` first). A set path that does not exist raises: it is a typo to fix (``words`` say
+    where it was set)."""
     found: list[Path] = []
     if setting_path.strip():
         path = Path(setting_path.strip()).expanduser()
         if not _usable(path):
-            raise TextEncoderError(f"the OMS text encoder path set in Settings ({path}) is not a .safetensors file "
-                                   "or a folder holding one: fix the path or clear it for the automatic search")
+            where = f" set in {words.text_encoder_setting}" if words else ""
+            raise TextEncoderError(f"the OMS text encoder path{where} ({path}) is not a .safetensors file or a folder "
+                                   "holding one: fix the path or clear it for the automatic search")
         found.append(path)
     for folder in module_dirs:
         named = sorted(Path(folder).glob("*text_encoder*"), key=lambda path: (path.name != "text_encoder", path.name))
@@ -136,31 +140,28 @@ def sd2_checkpoints(checkpoints: Sequence[Path]) -> list[Path]:
     return found
 
 
-# What the WebUI glue searches besides the folders named in the message (hosts name their own places).
-WEBUI_ENCODER_PLACES = ("the path in Settings > One More Step, the local Hugging Face cache {hub_dir} and the WebUI's "
-                        ".safetensors checkpoints); with an SD 2.x checkpoint loaded its own encoder is used")
+def resolve_text_encoder(kind: str, *, model_holds: Collection[str] = (), text_encoder_path: str = "",
+                         module_dirs: Sequence[Path], hub_dir: Path, checkpoints: Sequence[Path] = (),
+                         words: HostWords) -> EncoderSource:
+    """The first available source of the text encoder ``kind``, or TextEncoderError.
 
-
-def resolve_text_encoder(kind: str, family: str, *, setting_path: str, module_dirs: Sequence[Path],
-                         hub_dir: Path, checkpoints: Sequence[Path] = (),
-                         places: str = WEBUI_ENCODER_PLACES) -> EncoderSource:
-    """The first available text encoder source for an encoder ``kind`` (decision 6), or TextEncoderError.
-
-    openclip-h: the loaded SD2.x checkpoint's own encoder, a file/folder the user placed, a local HF cache entry, an
-    SD 2.x checkpoint among ``checkpoints``; none: TextEncoderMissingError (a download can fix it), whose message
-    names the first module folder and then ``places`` (the host's words for the rest, ``{hub_dir}`` filled in).
-    sdxl-mixclip: the loaded SDXL checkpoint's own CLIP-L + bigG.
+    ``model_holds``: the kinds of text encoder the loaded model itself holds, as far as the host can read them (an
+    SD 2.x checkpoint: OpenCLIP ViT-H/14; SDXL: its own CLIP-L + bigG); those are used first.
+    openclip-h: else the file or folder set (``text_encoder_path``), one placed in a module folder, a local Hugging Face
+    cache entry, an SD 2.x checkpoint among ``checkpoints``; none: TextEncoderMissingError (a download can fix it),
+    whose message names the first module folder and then the host's ``words.other_places``.
+    sdxl-mixclip: only from the loaded model.
     """
+    if kind in model_holds:
+        return EncoderSource("model")
     if kind == SDXL_MIXCLIP:
-        if family == "sdxl":
-            return EncoderSource("checkpoint")
-        raise TextEncoderError("this OMS module reads SDXL's own text encoders: load an SDXL checkpoint")
+        raise TextEncoderError("this OMS module reads prompts with an SDXL checkpoint's own CLIP-L and OpenCLIP bigG "
+                               "text encoders, which are not available here: use it with an SDXL checkpoint, or use "
+                               "the released oms_b_openclip_xl, which reads OpenCLIP ViT-H/14")
     if kind != OPENCLIP_H:
         raise TextEncoderError(f"the OMS module needs a {kind!r} text encoder, which One More Step cannot "
                                f"provide: use a module made for {OPENCLIP_H} or {SDXL_MIXCLIP}")
-    if family == "sd2":
-        return EncoderSource("checkpoint")
-    candidates = placed_text_encoders(setting_path, module_dirs) + cached_text_encoders(hub_dir)
+    candidates = placed_text_encoders(text_encoder_path, module_dirs, words) + cached_text_encoders(hub_dir)
     if not candidates:  # the checkpoints' headers are read only when nothing else is there
         candidates = sd2_checkpoints(checkpoints)
     if candidates:
@@ -168,18 +169,16 @@ def resolve_text_encoder(kind: str, family: str, *, setting_path: str, module_di
     first_dir = module_dirs[0] if module_dirs else Path("models/oms")
     raise TextEncoderMissingError(
         "the OMS module needs the OpenCLIP ViT-H/14 text encoder of SD 2.x and none was found (searched "
-        f"{Path(first_dir) / 'text_encoder'}, {places.format(hub_dir=hub_dir)}")
+        f"{Path(first_dir) / 'text_encoder'}, {words.other_places.format(hub_dir=hub_dir)})")
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Precision
 
-PRECISIONS = ("Automatic", "fp16", "fp32")
-
-
-def module_dtype(precision: str, device_type: str, webui_full_precision: bool) -> torch.dtype:
-    """fp16 on a GPU unless the WebUI runs in full precision (--no-half) or the setting says fp32; fp32 on CPU."""
+def module_dtype(precision: str, device_type: str, host_full_precision: bool) -> torch.dtype:
+    """fp16 on a GPU unless the host runs its model in full precision or ``precision`` says fp32; fp32 on the CPU."""
     if device_type == "cpu" or precision == "fp32":
         return torch.float32
     if precision == "fp16":
         return torch.float16
-    return torch.float32 if webui_full_precision else torch.float16
+    return torch.float32 if host_full_precision else torch.float16

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-SOLVERS = ("sde", "ddim")
-
 K_DIFFUSION = "k-diffusion"
 TIMESTEP = "timestep"
 

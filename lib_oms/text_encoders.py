@@ -25,8 +25,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from .catalog import OPENCLIP_H, PICKLE_SUFFIXES, SDXL_MIXCLIP
 from .cuda_graphs import GraphedCall
 from .errors import TextEncoderError
+from .options import LAYERS
 from .unet import load_into_meta
 
 MAX_LENGTH = 77
@@ -34,8 +36,6 @@ BOS_ID = 49406  # <start_of_text>
 EOS_ID = 49407  # <end_of_text>
 OPENCLIP_PAD_ID = 0  # SD2's tokenizer and SDXL's tokenizer_2 pad with "!" (id 0)
 CLIP_L_PAD_ID = EOS_ID  # openai/clip-vit-large-patch14 (SD1, SDXL's first tokenizer) pads with <|endoftext|>
-
-LAYERS = ("penultimate", "last")
 
 
 @dataclass(frozen=True)
@@ -77,17 +77,23 @@ _MIXCLIP_HINT = (
     "The SDXL mixclip module needs SDXL's own CLIP-L and OpenCLIP bigG text encoders: use an SDXL .safetensors "
     "checkpoint or the diffusers SDXL folder (text_encoder/ and text_encoder_2/)."
 )
-_PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
 
 class TextEncoder(Protocol):
-    """What the OMS engine needs from a text encoder."""
+    """What the OMS engine (``encode``) and the runtime, which keeps and moves encoders, need from a text encoder."""
 
     kind: str
     width: int
     max_length: int
+    cuda_graphs: bool
 
     def encode(self, prompts: list[str]) -> torch.Tensor: ...
+
+    def to(self, device=None, dtype: torch.dtype | None = None): ...
+
+    def torch_models(self) -> list[torch.nn.Module]: ...
+
+    def release_graphs(self) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,7 +193,7 @@ _TRANSFORMERS_UNUSED = (
 _BLOCK_INDEX = re.compile(r"^(?:transformer\.resblocks|encoder\.layers)\.(\d+)\.")
 
 
-def _openclip_to_bare_transformers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def openclip_to_transformers_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """open_clip text-tower names -> `CLIPTextModel` names without the `text_model.` prefix.
 
     The fused attention input projection is split into q, k, v (its rows are stacked in that order). Unused tensors
@@ -213,17 +219,6 @@ def _openclip_to_bare_transformers(state_dict: Mapping[str, torch.Tensor]) -> di
         old = next((old for old in _OPENCLIP_BLOCK_PARTS if part.startswith(old)), None)
         converted[layer + _OPENCLIP_BLOCK_PARTS[old] + part[len(old) :] if old else name] = tensor
     return converted
-
-
-def openclip_to_transformers(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """Convert an open_clip text tower's state dict to transformers `CLIPTextModel` file names (`text_model.*`).
-
-    Only tensors whose name starts with `prefix` are read (e.g. `cond_stage_model.model.` in an SD2.x checkpoint);
-    `in_proj_weight/bias` is split into q/k/v, `mlp.c_fc`/`c_proj` -> `fc1`/`fc2`, `ln_1`/`ln_2` -> `layer_norm1/2`,
-    `ln_final` -> `final_layer_norm`; `text_projection`, `logit_scale` and `visual.*` are dropped.
-    """
-    own = {name[len(prefix) :]: tensor for name, tensor in state_dict.items() if name.startswith(prefix)}
-    return {"text_model." + name: tensor for name, tensor in _openclip_to_bare_transformers(own).items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,7 +267,7 @@ def _safetensors_files(name: str, files: dict[str, Path]) -> _Tensors:
 
 
 def _check_weights_file(path: Path) -> None:
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         raise TextEncoderError(
             f"{path} is a pickle file, which can run code when loaded: it is refused. "
             "Use the .safetensors version of the same weights."
@@ -297,7 +292,7 @@ def _folder_weights(folder: Path, prefer_fp16: bool) -> dict[str, Path]:
                 break
     if files:
         return files
-    pickles = sorted(p for p in (*folder.glob("*"), *folder.glob("*/*")) if p.suffix.lower() in _PICKLE_SUFFIXES)
+    pickles = sorted(p for p in (*folder.glob("*"), *folder.glob("*/*")) if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         _check_weights_file(pickles[0])
     raise TextEncoderError(
@@ -418,7 +413,7 @@ def _tower_names(shapes: Mapping[str, tuple[int, ...]], tower: _Tower, blocks: i
 def _bare_state(tensors: Mapping[str, torch.Tensor], tower: _Tower) -> dict[str, torch.Tensor]:
     """The tower's tensors under bare `CLIPTextModel` names (no prefix, no `text_model.`)."""
     local = {name[len(tower.prefix) :]: tensor for name, tensor in tensors.items()}
-    return _openclip_to_bare_transformers(local) if tower.layout == "open_clip" else local
+    return openclip_to_transformers_names(local) if tower.layout == "open_clip" else local
 
 
 def clip_text_config(spec: TowerSpec, blocks: int, pad_id: int = OPENCLIP_PAD_ID):
@@ -601,7 +596,7 @@ class OpenCLIPTextEncoder(_Encoder):
     tokenizer, as the official code).
     """
 
-    kind = "openclip-h"
+    kind = OPENCLIP_H
 
     def __init__(self, model, *, layer: str = "penultimate", source: str = ""):
         self.model = model
@@ -625,7 +620,7 @@ class MixClipTextEncoder(_Encoder):
     CLIP-L tokens are padded with EOS, bigG tokens with id 0 ("!", so every "!" is id 0), as SDXL's two tokenizers do.
     """
 
-    kind = "sdxl-mixclip"
+    kind = SDXL_MIXCLIP
 
     def __init__(self, clip_l, clip_g, *, source: str = ""):
         self.clip_l = clip_l
@@ -740,6 +735,3 @@ class PromptEmbeddingCache:
             while len(self._entries) > self.maxsize:
                 self._entries.popitem(last=False)
         return torch.stack([found[prompt] for prompt in prompts])
-
-    def clear(self) -> None:
-        self._entries.clear()

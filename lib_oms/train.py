@@ -30,6 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from .catalog import OPENCLIP_H, SDXL_MIXCLIP
+from .demo.text_encoder import KIND as DEMO_WORDS
 from .errors import ModuleFileError, OMSError, TextEncoderError
 from .module_files import save_module
 from .unet import OMSUNet, normalize_unet_config
@@ -41,7 +43,7 @@ PRESETS = {
     "oms-b": {"block_out_channels": [160, 320, 640], "attention_head_dim": [5, 10, 20]},
     "oms-l": {"block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": [5, 10, 20, 20]},
 }
-TEXT_ENCODER_KINDS = ("openclip-h", "sdxl-mixclip", "demo-words")
+TEXT_ENCODER_KINDS = (OPENCLIP_H, SDXL_MIXCLIP, DEMO_WORDS)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CHECKPOINT_FOLDER = "checkpoint"
 
@@ -191,7 +193,7 @@ def encode_images(pairs: list[tuple[Path, str]], vae, resolution: int, batch_siz
 
 def load_text_encoder(kind: str, source: str | None, device, dtype=torch.float32):
     """The text encoder of ``kind`` (openclip-h, sdxl-mixclip, demo-words) from ``source``."""
-    if kind == "demo-words":
+    if kind == DEMO_WORDS:
         from .demo.pipeline import MODELS_DIR, TEXT_ENCODER_FILE
         from .demo.text_encoder import load_text_encoder as load_demo
 
@@ -200,9 +202,9 @@ def load_text_encoder(kind: str, source: str | None, device, dtype=torch.float32
         raise TextEncoderError(f"the {kind} text encoder needs --text-encoder PATH (a checkpoint or folder)")
     from . import text_encoders
 
-    if kind == "openclip-h":
+    if kind == OPENCLIP_H:
         return text_encoders.load_openclip_text_encoder(source, device=device, dtype=dtype)
-    if kind == "sdxl-mixclip":
+    if kind == SDXL_MIXCLIP:
         return text_encoders.load_mixclip_text_encoder(source, device=device, dtype=dtype)
     raise TextEncoderError(f"unknown text encoder kind {kind!r}: choose one of {', '.join(TEXT_ENCODER_KINDS)}")
 

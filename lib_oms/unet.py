@@ -2,7 +2,7 @@
 
 OMS (Hu et al., CVPR 2024, §3.3) predicts v at SNR 0 from unit noise and a text embedding, with a UNet that has
 no time conditioning. The official class is ``UNet2DConditionWoCTModel``: diffusers' ``UNet2DConditionModel``
-without ``time_proj`` / ``time_embedding`` and without the resnets' ``time_emb_proj`` (method-and-weights.md §2).
+without ``time_proj`` / ``time_embedding`` and without the resnets' ``time_emb_proj``.
 Parameter names here equal diffusers' so the released state dict loads with ``strict=True``.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import math
 import re
 
 import torch
@@ -620,7 +619,3 @@ def _shapes_of(config_json: str) -> tuple:
         unet = OMSUNet(json.loads(config_json))
     return tuple((key, tuple(tensor.shape)) for key, tensor in unet.state_dict().items())
 
-
-def parameter_count(config: dict) -> int:
-    """Number of parameters of the network for ``config``."""
-    return sum(math.prod(shape) for shape in parameter_shapes(config).values())

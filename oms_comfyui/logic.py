@@ -1,5 +1,5 @@
 """Decisions the ComfyUI nodes make, on plain values: which models OMS fits, where a sampling starts from pure
-noise, and how ComfyUI's samplers scale the noise they are given (hosts-2026.md, "ComfyUI 0.26").
+noise, and how ComfyUI's samplers scale the noise they are given (as ComfyUI 0.26 to 0.33 do).
 
 No ComfyUI imports: ``oms_comfyui.nodes`` reads ComfyUI's objects into the plain values these functions take.
 """
@@ -64,7 +64,7 @@ def start_skip_reason(*, noise_is_zero: bool, latent_is_empty: bool, masked: boo
 def noise_scale(sigma0: float, max_denoise: bool) -> float:
     """c in ComfyUI's start x = latent + c·noise (``noise_scaling`` of EPS and V_PREDICTION): √(1 + σ₀²) when the
     sampler starts at σ_max (``max_denoise``), else σ₀ — the k-diffusion start with and without the SGM noise
-    multiplier (README decision 2)."""
+    multiplier."""
     return math.sqrt(1.0 + sigma0**2) if max_denoise else float(sigma0)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,20 +31,12 @@ import folder_paths
 import torch
 from comfy_api.latest import ComfyExtension, io
 
-from lib_oms import download, module_files, text_encoders
-from lib_oms.engine import Z_SEED_OFFSET, check_options, oms_start
-from lib_oms.errors import ModuleMissingError, TextEncoderError, TextEncoderMissingError
-from lib_oms.sources import (
-    AUTOMATIC,
-    PRECISIONS,
-    SDXL_MIXCLIP,
-    choose_module,
-    huggingface_hub_dir,
-    module_dtype,
-    named_module,
-    resolve_text_encoder,
-)
-from lib_oms.step import SamplerStart, inpaint_noise, skip_reason
+from lib_oms import module_files
+from lib_oms.engine import z_seed
+from lib_oms.options import AUTOMATIC, CFG, HELP, LAYERS, PRECISIONS, SOLVER_NAMES, check_cfg, solver_named
+from lib_oms.runtime import Choice, Host, HostWords, Inpainting, OMSRuntime, Prepared, corrected_start
+from lib_oms.sources import module_dtype, named_module
+from lib_oms.step import SamplerStart
 from oms_comfyui.logic import (
     LATENT_SPACE_OF_FORMAT,
     model_skip_reason,
@@ -56,23 +47,28 @@ from oms_comfyui.logic import (
     summary,
     summary_text,
 )
-from oms_webui.args import ARG_BY_NAME, SOLVER_CHOICES
 
 TITLE = "One More Step"
 CATEGORY = TITLE
-KEY = "one_more_step"  # the wrapper's, the additional model's and the transformer_options' key
+KEY = "one_more_step"  # the wrapper's, the additional models' and the transformer_options' key
 FOLDER = "oms"
 EXTENSION_DIR = Path(__file__).resolve().parents[1]
 OMSModuleType = io.Custom("OMS_MODULE")
-TEXT_ENCODER_PLACES = ("the local Hugging Face cache {hub_dir} and the .safetensors files in ComfyUI's "
-                       "models/checkpoints and models/text_encoders")
-BUNDLES_KEPT = 2  # an OMS-B module with its OpenCLIP-H text encoder is about 1 GB in fp16
+LOADER = "Load One More Step module"
+WORDS = HostWords(
+    text_encoder_setting=f"ComfyUI's models/text_encoders, chosen as the text_encoder input of {LOADER}",
+    other_places=("the local Hugging Face cache {hub_dir} and the .safetensors files in ComfyUI's models/checkpoints "
+                  "and models/text_encoders"),
+    refresh="refresh the node definitions (press R)",
+)
 BATCH_INDEX_SEARCH = 64  # how far into a seed's stream a Latent From Batch index is looked for
 
 # <ComfyUI>/models/oms (survives reinstalling the pack; more folders under "oms:" in extra_model_paths.yaml), then
 # the pack's own models/.
 folder_paths.add_model_folder_path(FOLDER, str(Path(folder_paths.models_dir) / FOLDER), is_default=True)
 folder_paths.add_model_folder_path(FOLDER, str(EXTENSION_DIR / "models"))
+# Module and text encoder, each kept once with the ModelPatcher that alone moves its weights.
+RUNTIME = OMSRuntime()
 
 
 def log(message: str) -> None:
@@ -94,7 +90,7 @@ def safetensors_files(folder_name: str) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading: module and text encoder, kept as one model under ComfyUI's model management
+# Loading: module and text encoder through the runtime, each under ComfyUI's model management
 
 
 @dataclass(frozen=True)
@@ -103,45 +99,28 @@ class OMSChoice:
 
     module: str = AUTOMATIC
     text_encoder: str = AUTOMATIC  # or a file of ComfyUI's text_encoders folder
-    layer: str = text_encoders.LAYERS[0]
+    layer: str = LAYERS[0]
     precision: str = PRECISIONS[0]
     download: bool = True
 
 
 class OMSWeights(torch.nn.Module):
-    """The OMS network and its text encoder's models as one torch module, for a ComfyUI ModelPatcher."""
+    """The torch modules of an OMS module or text encoder as one, for a ComfyUI ModelPatcher."""
 
-    def __init__(self, module, encoder):
+    def __init__(self, models):
         super().__init__()
-        self.parts = torch.nn.ModuleList([module.unet, *encoder.torch_models()])
+        self.parts = torch.nn.ModuleList(models)
 
 
-@dataclass(eq=False)
-class Bundle:
-    module: object
-    encoder: text_encoders.PromptEmbeddingCache
-    patcher: object
-    label: str  # "name [hash]"
-    encoder_source: str
-
-
-BUNDLES: OrderedDict[tuple, Bundle] = OrderedDict()
-
-
-def download_refused(choice: OMSChoice) -> str | None:
-    return None if choice.download else "downloading is off (download_missing of Load One More Step module)"
-
-
-def found_or_downloaded(find, obtain, choice: OMSChoice):
-    """``find()``; when it says a file is missing, ``obtain`` downloads it with ComfyUI's progress bar (or raises
-    why not: off, HF_HUB_OFFLINE, failed), then ``find()`` again."""
-    try:
-        return find()
-    except (ModuleMissingError, TextEncoderMissingError) as missing:
-        bar = comfy.utils.ProgressBar(1)
-        obtain(missing, refused=download_refused(choice), progress=log, should_stop=mm.processing_interrupted,
-               counts=lambda done, total: bar.update_absolute(done, total))
-        return find()
+def comfy_host(choice: OMSChoice) -> Host:
+    text_encoder_path = "" if choice.text_encoder == AUTOMATIC else \
+        folder_paths.get_full_path_or_raise("text_encoders", choice.text_encoder)
+    bar = comfy.utils.ProgressBar(1)
+    return Host(WORDS, tuple(module_dirs()), text_encoder_path=text_encoder_path,
+                checkpoints=lambda: safetensors_files("checkpoints") + safetensors_files("text_encoders"),
+                download_refused=None if choice.download else f"downloading is off (download_missing of {LOADER})",
+                progress=log, counts=lambda done, total: bar.update_absolute(done, total),
+                should_stop=mm.processing_interrupted)
 
 
 def devices_and_dtype(precision: str) -> tuple[torch.device, torch.device, torch.dtype]:
@@ -152,49 +131,21 @@ def devices_and_dtype(precision: str) -> tuple[torch.device, torch.device, torch
     return load, offload, module_dtype(precision, torch.device(load).type, full_precision)
 
 
-def text_encoder_source(choice: OMSChoice, kind: str, latent_space: str):
-    if kind == SDXL_MIXCLIP:
-        raise TextEncoderError("this OMS module reads prompts with SDXL's own two text encoders, which the ComfyUI "
-                               "nodes do not take: use the released oms_b_openclip_xl, which reads OpenCLIP ViT-H/14")
-    setting_path = "" if choice.text_encoder == AUTOMATIC else \
-        folder_paths.get_full_path_or_raise("text_encoders", choice.text_encoder)
-    return found_or_downloaded(
-        lambda: resolve_text_encoder(kind, latent_space, setting_path=setting_path, module_dirs=module_dirs(),
-                                     hub_dir=huggingface_hub_dir(),
-                                     checkpoints=safetensors_files("checkpoints") + safetensors_files("text_encoders"),
-                                     places=TEXT_ENCODER_PLACES),
-        functools.partial(download.obtain_text_encoder, module_dirs()[0]), choice)
-
-
-def prepared(choice: OMSChoice, latent_space: str) -> Bundle:
-    """The module and text encoder for a model of ``latent_space``, loaded once per file version and settings (an
-    unchanged one is never moved outside ComfyUI's model management)."""
-    entry = found_or_downloaded(
-        lambda: choose_module(choice.module, module_entries(), latent_space, "",
-                              lambda e: module_files.describe_module(e.path)[0], module_dirs()),
-        functools.partial(download.obtain_module, latent_space, module_dirs()[0]), choice)
+def prepared(choice: OMSChoice, latent_space: str) -> tuple[Prepared, list]:
+    """The module and text encoder for a model of ``latent_space`` (loaded once per file version and settings, on
+    ComfyUI's offload device), and the ModelPatchers that load them to the GPU with the model: an unchanged one is
+    never moved outside ComfyUI's model management."""
     load, offload, dtype = devices_and_dtype(choice.precision)
-    module_key = (str(entry.path.resolve()), module_files.module_signature(entry.path), dtype)
-    kind = module_files.describe_module(entry.path)[1]
-    source = text_encoder_source(choice, kind, latent_space)
-    key = (module_key, source, module_files.module_signature(source.path), choice.layer)
-    if key not in BUNDLES:
-        module = module_files.load_module(entry.path, offload, dtype)
-        module_files.check_latent_space(module, latent_space)
-        module.cuda_graphs = False  # ComfyUI moves the weights between devices: nothing may keep their addresses
-        encoder = text_encoders.load_openclip_text_encoder(source.path, layer=choice.layer, device=offload,
-                                                           dtype=dtype)
-        encoder.cuda_graphs = False
-        log(f"module {entry.path} ({module.latent_space}, {module.text_encoder}); text encoder {source.describe()} "
-            f"({choice.layer})")
-        patcher = comfy.model_patcher.ModelPatcher(OMSWeights(module, encoder), load_device=load,
-                                                   offload_device=offload)
-        BUNDLES[key] = Bundle(module, text_encoders.PromptEmbeddingCache(encoder), patcher,
-                              f"{entry.name} [{module.short_hash}]", source.describe())
-        while len(BUNDLES) > BUNDLES_KEPT:
-            BUNDLES.popitem(last=False)
-    BUNDLES.move_to_end(key)
-    return BUNDLES[key]
+    ready = RUNTIME.prepare(Choice(choice.module, layer=choice.layer, device=offload, dtype=dtype, move_kept=False,
+                                   cuda_graphs=False),  # ComfyUI moves the weights: nothing may keep their addresses
+                            latent_space, comfy_host(choice))
+    for loaded in ready.loaded:
+        log(f"{loaded} loaded")
+    patchers = [RUNTIME.companion(model, lambda model, parts=parts: comfy.model_patcher.ModelPatcher(
+                    OMSWeights(parts), load_device=load, offload_device=offload))
+                for model, parts in ((ready.module, [ready.module.unet]),
+                                     (ready.encoder, ready.encoder.encoder.torch_models()))]
+    return ready, patchers
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,12 +188,14 @@ def batch_indices(noise: torch.Tensor, seed: int) -> list[int] | None:
     return found
 
 
-def fresh_noise(seed: int, like: torch.Tensor, batch_inds=None) -> torch.Tensor:
+def fresh_noise(seed: int, noise: torch.Tensor, batch_inds=None) -> torch.Tensor:
     """z of the SDE solver: ComfyUI's own batch noise (``comfy.sample.prepare_noise``, one generator for the batch)
-    for ``seed + Z_SEED_OFFSET``, so it is never the sampler's own noise; the global generator is left as it was."""
+    for the seed's ``z_seed``, so it is never the sampler's own noise, at the batch indices of the sampler's
+    ``noise`` (read back from it when not given); the global generator is left as it was."""
+    if batch_inds is None:
+        batch_inds = batch_indices(noise, int(seed))
     with torch.random.fork_rng(devices=[]):
-        return comfy.sample.prepare_noise(torch.zeros_like(like, device="cpu"), (int(seed) + Z_SEED_OFFSET) % 2**64,
-                                          batch_inds)
+        return comfy.sample.prepare_noise(torch.zeros_like(noise, device="cpu"), z_seed(seed), batch_inds)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,13 +204,15 @@ def fresh_noise(seed: int, like: torch.Tensor, batch_inds=None) -> torch.Tensor:
 
 @dataclass(eq=False)
 class OMSRun:
-    """One One More Step node's settings with its loaded bundle: corrects the start noise of a sampling."""
+    """One One More Step node's settings with its prepared module and text encoder: corrects the start noise of a
+    sampling."""
 
-    bundle: Bundle
+    prepared: Prepared
+    patchers: list  # ComfyUI's ModelPatchers of the module and text encoder
     prompt: str
     negative_prompt: str
     cfg: float
-    solver: str  # "SDE" | "DDIM"
+    solver: str
     info: dict = field(default_factory=dict)
 
     def corrected(self, noise: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None, sigma0: float,
@@ -265,23 +220,25 @@ class OMSRun:
         """The noise to start from instead of ``noise``; ``noise`` itself when the start is not pure noise (said in
         the console). ``latent`` is the processed latent the sampler adds, ``mask`` its prepared denoise mask,
         ``batch_inds`` the latent's batch indices (read back from ``noise`` when not given)."""
-        start = SamplerStart.k_diffusion(sigma0, sgm_noise_multiplier=max_denoise)
-        reason = start_skip_reason(noise_is_zero=not torch.any(noise), latent_is_empty=not torch.any(latent),
-                                   masked=mask is not None, max_denoise=max_denoise) or skip_reason(start)
-        if reason is None and seed is None and self.solver == "SDE":
-            reason = "the sampler was given no seed, from which the SDE solver's fresh noise is drawn"
-        if reason:
-            log(f"skipped: {reason}")
+        draws_z = solver_named(self.solver).draws_z
+        start = start_skip_reason(noise_is_zero=not torch.any(noise), latent_is_empty=not torch.any(latent),
+                                  masked=mask is not None, max_denoise=max_denoise)
+        if start is None and seed is None and draws_z:
+            start = f"the sampler was given no seed, from which the {self.solver} solver's fresh noise is drawn"
+        if start is None:
+            start = SamplerStart.k_diffusion(sigma0, sgm_noise_multiplier=max_denoise)
+        outcome = corrected_start(
+            self.prepared, noise, start, prompts=[self.prompt] * len(noise), negative_prompt=self.negative_prompt,
+            cfg=self.cfg, solver=self.solver,
+            draw_z=lambda: fresh_noise(seed, noise, batch_inds),
+            inpainting=None if mask is None else Inpainting(latent, mask, noise_scale(sigma0, max_denoise)))
+        for note in outcome.notes:
+            log(note)
+        if outcome.noise is None:
+            log(f"skipped: {outcome.skipped}")
             return noise
-        if self.solver == "SDE" and batch_inds is None:
-            batch_inds = batch_indices(noise, int(seed))
-        z = fresh_noise(seed, noise, batch_inds) if self.solver == "SDE" else None
-        out = oms_start(self.bundle.module, self.bundle.encoder, noise.float(), self.prompt, start=start, cfg=self.cfg,
-                        negative_prompt=self.negative_prompt, solver=self.solver.lower(), z=z)
-        if mask is not None:
-            out = inpaint_noise(out, noise.float(), latent.float(), mask.float(), noise_scale(sigma0, max_denoise))
-        log(f"the sampling starts from the OMS latent (sigma0 {sigma0:.4g}, {self.bundle.label})")
-        return out.to(noise.dtype)
+        log(f"the sampling starts from the OMS latent (sigma0 {sigma0:.4g}, {self.prepared.label})")
+        return outcome.noise
 
 
 def sampler_sample(run: OMSRun, executor, guider, sigmas, extra_args, callback, noise, latent_image=None,
@@ -303,18 +260,15 @@ def sampler_sample(run: OMSRun, executor, guider, sigmas, extra_args, callback, 
 def new_run(model, oms: OMSChoice, prompt: str, negative_prompt: str, cfg: float, solver: str) -> OMSRun | str:
     """The run for ``model``, or why OMS cannot work on it. Bad options and file problems are raised here, before
     anything is loaded or sampled."""
-    check_options(cfg, solver.lower())
+    cfg, solver = check_cfg(cfg), solver_named(solver).name
     reason = model_reason(model)
     if reason:
         return reason
-    bundle = prepared(oms, LATENT_SPACE_OF_FORMAT[latent_format_name(model)])
+    ready, patchers = prepared(oms, LATENT_SPACE_OF_FORMAT[latent_format_name(model)])
     prompt, negative_prompt = clean_prompt(prompt), clean_prompt(negative_prompt)
-    readable = bundle.encoder.max_length - 2  # the start and end tokens take two places
-    if any(text_encoders.token_count(text) > readable for text in (prompt, negative_prompt)):
-        log(f"a prompt is longer than the {readable} tokens the OMS text encoder reads: OMS reads only its beginning")
-    info = summary(module=bundle.label, text_encoder=bundle.encoder_source, prompt=prompt,
+    info = summary(module=ready.label, text_encoder=ready.encoder_source.describe(), prompt=prompt,
                    negative_prompt=negative_prompt, cfg=cfg, solver=solver)
-    return OMSRun(bundle, prompt, negative_prompt, cfg, solver, info)
+    return OMSRun(ready, patchers, prompt, negative_prompt, cfg, solver, info)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,17 +276,15 @@ def new_run(model, oms: OMSChoice, prompt: str, negative_prompt: str, cfg: float
 
 
 def option_inputs() -> list:
-    """The OMS prompt, negative prompt, CFG and solver inputs, with the WebUI extension's defaults and ranges."""
-    cfg = ARG_BY_NAME["cfg"]
+    """The OMS prompt, negative prompt, CFG and solver inputs, with every host's defaults, ranges and help."""
     return [
         io.String.Input("prompt", multiline=True, default="",
-                        tooltip="What the image should look like in light and colour (OMS reads it with its own text "
-                                "encoder; convert it to an input to share the sampler's prompt)"),
-        io.String.Input("negative_prompt", multiline=True, default="", tooltip="Empty: as released"),
-        io.Float.Input("cfg", default=cfg.default, min=cfg.minimum, max=cfg.maximum, step=cfg.step,
-                       tooltip="OMS CFG; at 1 the negative prompt is not used"),
-        io.Combo.Input("solver", options=list(SOLVER_CHOICES), default=ARG_BY_NAME["solver"].default,
-                       tooltip="SDE: fresh noise from the seed (as released); DDIM: keeps the seed's composition"),
+                        tooltip=f"{HELP['prompt']} ComfyUI does not tell this node the sampler's prompt: type it "
+                                "here, or convert it to an input and connect the same text as the sampler's"),
+        io.String.Input("negative_prompt", multiline=True, default="", tooltip=HELP["negative_prompt"]),
+        io.Float.Input("cfg", default=CFG.default, min=CFG.minimum, max=CFG.maximum, step=CFG.step,
+                       tooltip=HELP["cfg"]),
+        io.Combo.Input("solver", options=list(SOLVER_NAMES), default=SOLVER_NAMES[0], tooltip=HELP["solver"]),
     ]
 
 
@@ -351,22 +303,21 @@ class OMSLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="OneMoreStepLoader",
-            display_name="Load One More Step module",
+            display_name=LOADER,
             category=CATEGORY,
             description="Chooses the OMS module and its text encoder (ComfyUI/models/oms; downloaded on first use)",
             inputs=[
                 io.Combo.Input("module", options=[AUTOMATIC] + [entry.name for entry in module_entries()],
-                               default=AUTOMATIC, tooltip="Automatic: the module made for the model's latent space"),
+                               default=AUTOMATIC, tooltip=HELP["module"]),
                 io.Combo.Input("text_encoder", options=[AUTOMATIC] + folder_paths.get_filename_list("text_encoders"),
                                default=AUTOMATIC,
                                tooltip="Automatic: models/oms/text_encoder, an SD 2.x checkpoint, an OpenCLIP "
                                        "ViT-H/14 file in text_encoders, else a download"),
-                io.Combo.Input("text_encoder_layer", options=list(text_encoders.LAYERS),
-                               default=text_encoders.LAYERS[0], advanced=True),
-                io.Combo.Input("precision", options=list(PRECISIONS), default=PRECISIONS[0], advanced=True),
-                io.Boolean.Input("download_missing", default=True,
-                                 tooltip="Download a missing module or text encoder from Hugging Face on first use "
-                                         "(never with HF_HUB_OFFLINE=1)"),
+                io.Combo.Input("text_encoder_layer", options=list(LAYERS), default=LAYERS[0], advanced=True,
+                               tooltip=HELP["layer"]),
+                io.Combo.Input("precision", options=list(PRECISIONS), default=PRECISIONS[0], advanced=True,
+                               tooltip=HELP["precision"]),
+                io.Boolean.Input("download_missing", default=True, tooltip=HELP["download"]),
             ],
             outputs=[OMSModuleType.Output(display_name="oms_module")],
         )
@@ -374,7 +325,7 @@ class OMSLoader(io.ComfyNode):
     @classmethod
     def execute(cls, module, text_encoder, text_encoder_layer, precision, download_missing) -> io.NodeOutput:
         if module != AUTOMATIC:
-            named_module(module, module_entries(), module_dirs())
+            named_module(module, module_entries(), module_dirs(), WORDS)
         return io.NodeOutput(OMSChoice(module, text_encoder, text_encoder_layer, precision, download_missing))
 
 
@@ -400,7 +351,7 @@ class OneMoreStep(io.ComfyNode):
         patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, KEY)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, KEY,
                                      functools.partial(sampler_sample, run))
-        patched.set_additional_models(KEY, [run.bundle.patcher])  # loaded and offloaded with the model
+        patched.set_additional_models(KEY, run.patchers)  # loaded and offloaded with the model
         patched.model_options["transformer_options"] = {**patched.model_options.get("transformer_options", {}),
                                                         KEY: run.info}
         return io.NodeOutput(patched, ui=ui_text(summary_text(run.info)))
@@ -428,7 +379,7 @@ class OMSNoise:
             mask = comfy.sampler_helpers.prepare_mask(mask, noise.shape, "cpu")
         sigma0 = float(self.sigmas[0])
         sigma_max = float(self.model.get_model_object("model_sampling").sigma_max)
-        mm.load_models_gpu([self.run.bundle.patcher])
+        mm.load_models_gpu(self.run.patchers)
         return self.run.corrected(noise, latent, mask, sigma0, starts_at_max_denoise(sigma0, sigma_max), self.seed,
                                   input_latent.get("batch_index"))
 

@@ -1,11 +1,13 @@
 """Every user-facing argument of the WebUI extension, defined once: UI label, default, range or choices,
-infotext key, API name and X/Y/Z axis label, plus parsing of positional and dict API arguments and infotext.
+infotext key, API name and X/Y/Z axis label, plus parsing of positional and dict API arguments and infotext. Ranges,
+choices and help come from ``lib_oms.options``, which every host shares.
 
 No WebUI imports: the glue in ``scripts/`` builds its components, infotext fields and axes from ``ARGS``.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -13,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 from lib_oms.errors import OMSError
-from lib_oms.sources import AUTOMATIC
+from lib_oms.options import AUTOMATIC, CFG, HELP, SOLVER_NAMES, SOLVERS
 
-SOLVER_CHOICES = ("SDE", "DDIM")
+TITLE = "One More Step"  # the script's title, which is also its name in the API's alwayson_scripts
 INFOTEXT_SKIPPED = "OMS skipped"
 # the passes that continue from the corrected first pass as they are (hires fix second pass, refiner)
 INFOTEXT_FIRST_PASS_ONLY = "OMS first pass only"
@@ -42,20 +44,33 @@ class Arg:
     step: float | None = None
     choices: tuple[str, ...] = ()
 
+    @property
+    def help(self) -> str:
+        """Its tooltip: the help every host shares, and what is the WebUI's own."""
+        return f"{HELP[self.name]} {WEBUI_HELP[self.name]}" if self.name in WEBUI_HELP else HELP[self.name]
+
 
 ARGS: tuple[Arg, ...] = (
     Arg("enabled", "One More Step", False, "OMS", "[OMS] Enabled", "bool"),
     Arg("module", "OMS module", AUTOMATIC, "OMS module", "[OMS] Module", "module"),
     Arg("prompt", "OMS prompt", "", "OMS prompt", "[OMS] Prompt", "text"),
     Arg("negative_prompt", "OMS negative prompt", "", "OMS negative prompt", None, "text"),
-    Arg("cfg", "OMS CFG", 1.0, "OMS CFG", "[OMS] CFG", "number", 0.0, 10.0, 0.1),
-    Arg("solver", "OMS solver", "SDE", "OMS solver", "[OMS] Solver", "choice", choices=SOLVER_CHOICES),
+    Arg("cfg", "OMS CFG", CFG.default, "OMS CFG", "[OMS] CFG", "number", CFG.minimum, CFG.maximum, CFG.step),
+    Arg("solver", "OMS solver", SOLVER_NAMES[0], "OMS solver", "[OMS] Solver", "choice", choices=SOLVER_NAMES),
 )
 ARG_BY_NAME = {arg.name: arg for arg in ARGS}
+# What the tooltips add in the WebUI, where OMS reads each image's own prompt and settings choose the module.
+WEBUI_HELP = {
+    "enabled": "Applies to txt2img (the first pass) and to inpainting from latent noise or latent nothing at "
+               "denoising strength 1.",
+    "module": f"{AUTOMATIC}: the one set in Settings > {TITLE} first.",
+    "prompt": "Empty: each image's own prompt (prompt editing at its first step, emphasis and LoRA tags removed).",
+}
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
-# "name [0123456789]": the module label written to infotext (the hash tells which file made the image).
+# "name [0123456789]": the module label written to infotext (lib_oms.runtime.module_label; the hash tells which file
+# made the image).
 _MODULE_LABEL = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-fA-F]+)\]$")
 
 
@@ -67,13 +82,8 @@ class OMSArgs:
     module: str = AUTOMATIC
     prompt: str = ""
     negative_prompt: str = ""
-    cfg: float = 1.0
-    solver: str = "SDE"
-
-    @property
-    def engine_solver(self) -> str:
-        """The solver name ``lib_oms.engine.oms_start`` takes."""
-        return self.solver.lower()
+    cfg: float = CFG.default
+    solver: str = SOLVER_NAMES[0]
 
 
 def _bad(arg: Arg, expected: str, value: object) -> ArgumentError:
@@ -90,11 +100,6 @@ def module_hash(label: str) -> str | None:
     """The file hash in a label "name [hash]" (lower case), or None for a bare name."""
     match = _MODULE_LABEL.match(label.strip())
     return match.group("hash").lower() if match else None
-
-
-def module_label(name: str, short_hash: str) -> str:
-    """The infotext value naming a module and the file that made the image: "name [hash]"."""
-    return f"{name} [{short_hash}]"
 
 
 def convert(arg: Arg, value: object) -> object:
@@ -222,3 +227,10 @@ def alwayson_args_problem(body: bytes, title: str) -> str | None:
                     f'{json.dumps(entry["args"])[:100]}: write "args": [true, "Automatic", "", "", 1.5, "SDE"] '
                     '(positional) or "args": [{"enabled": true, "cfg": 1.5}] (a dict as the first item)')
     return None
+
+
+def hints_markup() -> str:
+    """The tooltips of the controls (by label) and of the solver's choices, as a hidden element that
+    javascript/oms_hints.js reads: the words live here, once."""
+    hints = {"labels": {arg.label: arg.help for arg in ARGS}, "choices": {s.name: s.help for s in SOLVERS}}
+    return f'<div data-oms-hints="{html.escape(json.dumps(hints), quote=True)}"></div>'

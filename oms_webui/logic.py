@@ -95,7 +95,7 @@ def untouched_passes(job: Job) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The sampler's start (webui.md §2.1, §2.2, §2.7, §2.8)
+# The sampler's start: k-diffusion samplers start at their first sigma, timestep samplers at their first timestep
 
 K_DIFFUSION = "k-diffusion"
 TIMESTEP = "timestep"
@@ -132,7 +132,7 @@ def img2img_start(kind: str, *, steps: int, t_enc: int, sigmas=None, timesteps=N
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Memory (decision 10)
+# Memory: fp16 on the GPU, offloaded after the step in the WebUI's low-VRAM modes
 
 
 def offload_after_use(keep_in_vram: bool, low_vram: bool, device_type: str) -> bool:

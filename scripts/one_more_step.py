@@ -1,66 +1,52 @@
 """One More Step (Hu et al., CVPR 2024) in the AUTOMATIC1111 WebUI 1.6–1.10, Forge, reForge, Forge Classic and
-Forge Neo.
+Forge Neo: the script, and the reading of the WebUI's processing object ``p`` into plain values.
 
-Thin glue: it reads the WebUI's objects into plain values for ``oms_webui.logic`` / ``oms_webui.args`` and
-hands the start noise to ``lib_oms.engine.oms_start``. The step is done in a ``p.rng`` wrapper installed by
-``process_batch``, whose first draw (the start noise) is corrected, on every WebUI: an error raised there stops the
-generation, whereas A1111 ≥ 1.10, Forge and reForge only report errors of ``process_before_every_sampling`` and
-would go on to make an image without OMS.
+The OMS runtime (``lib_oms.runtime``) finds, loads and keeps the module and text encoder and corrects the start;
+``oms_webui`` holds the WebUI's arguments, settings, folders, memory placement, API check and X/Y/Z axes. The step is
+done in a ``p.rng`` wrapper installed by ``process_batch``, whose first draw (the start noise) is corrected, on every
+WebUI: an error raised there stops the generation, whereas A1111 ≥ 1.10, Forge and reForge only report errors of
+``process_before_every_sampling`` and would go on to make an image without OMS.
 
-Every ``modules.*`` imported here exists in all of these WebUIs except ``modules.lowvram`` (A1111, Forge, reForge),
-which is reached only through ``memory_manager()`` / ``make_room()``; the Forge family's memory manager is looked up
-by what it offers, not by the WebUI's name.
+Every ``modules.*`` imported here exists in all of these WebUIs; the extension's own modules are all imported when
+the WebUI loads this file (only then is the extension's folder on ``sys.path``).
 """
 
 import contextlib
 import functools
-import importlib
-import inspect
-import json
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
 import torch
-from fastapi.exceptions import HTTPException
 from modules import script_callbacks, scripts, shared
 
-from lib_oms import download, module_files, text_encoders
-from lib_oms.engine import Z_SEED_OFFSET, oms_start
-from lib_oms.errors import ModuleFileError, ModuleMissingError, OMSError, TextEncoderMissingError
-from lib_oms.sources import (
-    OPENCLIP_H,
-    PRECISIONS,
-    EncoderSource,
-    choose_module,
-    huggingface_hub_dir,
-    module_dtype,
-    named_module,
-    resolve_text_encoder,
-)
-from lib_oms.step import inpaint_noise
-from lib_oms.step import skip_reason as start_skip_reason
+from lib_oms import module_files
+from lib_oms.catalog import OPENCLIP_H, SDXL_MIXCLIP
+from lib_oms.engine import z_seed
+from lib_oms.errors import OMSError
+from lib_oms.runtime import Choice, Inpainting, ModelText, OMSRuntime, Prepared, corrected_start
+from lib_oms.sources import module_dtype
+from oms_webui import api, xyz
 from oms_webui.args import (
     ARG_BY_NAME,
     ARGS,
-    AUTOMATIC,
     INFOTEXT_FIRST_PASS_ONLY,
     INFOTEXT_MODULE_REQUESTED,
     INFOTEXT_SKIPPED,
+    TITLE,
     ArgumentError,
     OMSArgs,
-    alwayson_args_problem,
     convert,
     from_dict,
+    hints_markup,
     infotext_keys,
     infotext_params,
     module_hash,
-    module_label,
     module_name,
     parse_script_args,
     paste_value,
 )
+from oms_webui.environment import host, interrupted, log, module_choices
 from oms_webui.logic import (
     K_DIFFUSION,
     LATENT_SPACE_OF_FAMILY,
@@ -68,105 +54,18 @@ from oms_webui.logic import (
     Job,
     img2img_start,
     job_skip_reason,
-    manager_low_vram,
     model_skip_reason,
-    offload_after_use,
-    room_to_ask,
     txt2img_start,
     untouched_passes,
     unwrap_hijacked_keys,
     uses_refiner,
 )
+from oms_webui.memory import Placement, on_device
+from oms_webui.settings import module_setting_key, on_ui_settings, setting, webui_option
 
-TITLE = "One More Step"
-EXTENSION_DIR = Path(__file__).resolve().parents[1]
-AXIS_PREFIX = "[OMS]"
-
-# Neither cache is dropped when a model loads: modules and file-based text encoders do not depend on the checkpoint
-# (the SDXL refiner reloads two models every generation), and an encoder read from a checkpoint is kept under it.
-MODULE_CACHE = module_files.ModuleCache()
-ENCODER_CACHE: OrderedDict[tuple, text_encoders.PromptEmbeddingCache] = OrderedDict()
-ENCODERS_KEPT = 2  # OpenCLIP-H's text tower is 0.7 GB in fp16, SDXL's two text towers 1.6 GB
-
-
-def log(message: str) -> None:
-    print(f"[{TITLE}] {message}")
-
-
-class RequestRefused(HTTPException):
-    """An OMS error in what was asked for (an argument, a missing or unfit file). The WebUI's API answers with an
-    exception's ``status_code`` attribute and prints no traceback for an HTTPException: this is HTTP 422 with the
-    message, like the API's own checks of a request. Other errors (bugs, out of memory) stay 500 with a traceback."""
-
-    def __init__(self, error: OMSError):
-        super().__init__(status_code=422, detail=str(error))
-        self.error = error
-
-    def __str__(self):
-        return self.detail
-
-
-def refusal(error: Exception) -> Exception:
-    return RequestRefused(error) if isinstance(error, OMSError) else error
-
-
-def option(key: str, default):
-    return shared.opts.data.get(key, default)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Where modules live
-
-def module_dirs() -> list[Path]:
-    """<models>/oms (survives reinstalling), --oms-models-dir, then the extension's own models/."""
-    from modules import paths
-
-    dirs = [Path(paths.models_path) / "oms"]
-    extra = getattr(shared.cmd_opts, "oms_models_dir", None)
-    if extra:
-        dirs.append(Path(extra))
-    return dirs + [EXTENSION_DIR / "models"]
-
-
-def module_entries() -> list:
-    return module_files.find_modules([d for d in module_dirs() if d.is_dir()])
-
-
-def module_choices() -> list[str]:
-    return [AUTOMATIC] + [entry.name for entry in module_entries()]
-
-
-def checkpoint_files() -> list[Path]:
-    """The WebUI's checkpoints (an SD 2.x one holds the text encoder the released modules read prompts with)."""
-    from modules import sd_models
-
-    return [Path(info.filename) for info in sd_models.checkpoints_list.values()]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Downloads on first use (lib_oms.download)
-
-def download_refused() -> str | None:
-    """Why missing files must not be downloaded, or None: downloading on first use is on by default."""
-    if getattr(shared.cmd_opts, "oms_no_download", False):
-        return "downloading is off (--oms-no-download)"
-    if not option("oms_auto_download", True):
-        return "downloading is off (Settings > One More Step > Download missing OMS files automatically)"
-    return None
-
-
-def show_progress(text: str) -> None:
-    shared.state.textinfo = text  # the WebUI's progress text
-
-
-def found_or_downloaded(find, obtain):
-    """``find()``; when it says a file is missing, ``obtain(missing)`` downloads it (or raises why not), then
-    ``find()`` again."""
-    try:
-        return find()
-    except (ModuleMissingError, TextEncoderMissingError) as missing:
-        obtain(missing, refused=download_refused(), progress=show_progress, should_stop=interrupted)
-        return find()
+# Kept across model loads: modules and file-based text encoders do not depend on the checkpoint (the SDXL refiner
+# reloads two models every generation), and an encoder read from a checkpoint is kept under it.
+RUNTIME = OMSRuntime()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,7 +89,7 @@ def checkpoint_family(sd_model) -> str:
 def job_of(p) -> Job:
     from modules import processing
 
-    noise_schedule = option("sd_noise_schedule", "Default")
+    noise_schedule = webui_option("sd_noise_schedule", "Default")
     refiner = uses_refiner(getattr(p, "refiner_checkpoint", None), getattr(p, "refiner_switch_at", None))
     if isinstance(p, processing.StableDiffusionProcessingTxt2Img):
         return Job("txt2img", hires=bool(getattr(p, "enable_hr", False)), refiner=refiner,
@@ -199,7 +98,7 @@ def job_of(p) -> Job:
                inpainting_fill=int(getattr(p, "inpainting_fill", 1)),
                denoising_strength=float(getattr(p, "denoising_strength", 0.75) or 0.0),
                initial_noise_multiplier=float(getattr(p, "initial_noise_multiplier", 1.0)),
-               extra_noise=float(option("img2img_extra_noise", 0.0)), noise_schedule=noise_schedule)
+               extra_noise=float(webui_option("img2img_extra_noise", 0.0)), noise_schedule=noise_schedule)
 
 
 def sampler_kind(sampler) -> tuple[str | None, str]:
@@ -261,12 +160,10 @@ def sampler_start(p, job: Job):
     alphas = timestep_alphas(p) if kind == TIMESTEP else None
     if job.mode == "txt2img":
         return txt2img_start(kind, name, sigmas=sigmas, timesteps=timesteps, alphas_cumprod=alphas,
-                             sgm_noise_multiplier=bool(option("sgm_noise_multiplier", False)))
+                             sgm_noise_multiplier=bool(webui_option("sgm_noise_multiplier", False)))
     return img2img_start(kind, steps=steps, t_enc=t_enc, sigmas=sigmas, timesteps=timesteps, alphas_cumprod=alphas)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Loading (cached across model loads: see MODULE_CACHE)
 
 def device_and_dtype():
     from modules import devices
@@ -278,7 +175,7 @@ def device_and_dtype():
     else:
         device = devices.get_device_for("oms") if hasattr(devices, "get_device_for") else devices.device
     full_precision = getattr(devices, "dtype_unet", torch.float16) == torch.float32
-    dtype = module_dtype(option("oms_precision", PRECISIONS[0]), torch.device(device).type, full_precision)
+    dtype = module_dtype(setting("oms_precision"), torch.device(device).type, full_precision)
     return torch.device(device), dtype
 
 
@@ -302,25 +199,17 @@ def checkpoint_identity(sd_model) -> tuple:
     return module_files.file_version(filename) if filename and Path(filename).is_file() else (filename,)
 
 
-def load_encoder(kind: str, source: EncoderSource, sd_model, home, dtype) -> text_encoders.PromptEmbeddingCache:
-    """The text encoder behind a prompt cache, loaded once (once per checkpoint when read from the checkpoint) and
-    kept at ``home`` between steps; the least recently used encoders beyond ENCODERS_KEPT are dropped."""
-    layer = option("oms_text_encoder_layer", text_encoders.LAYERS[0])
-    checkpoint = checkpoint_identity(sd_model) if source.origin == "checkpoint" else None
-    key = (kind, source, checkpoint, layer, dtype)
-    if key not in ENCODER_CACHE:
-        weights = checkpoint_text_weights(sd_model, kind) if source.origin == "checkpoint" else source.path
-        if kind == OPENCLIP_H:
-            encoder = text_encoders.load_openclip_text_encoder(weights, layer=layer, device="cpu", dtype=dtype)
-        else:
-            encoder = text_encoders.load_mixclip_text_encoder(weights, device="cpu", dtype=dtype)
-        log(f"text encoder: {source.describe()} ({kind}, {layer if kind == OPENCLIP_H else 'penultimate'})")
-        ENCODER_CACHE[key] = text_encoders.PromptEmbeddingCache(encoder)
-        while len(ENCODER_CACHE) > ENCODERS_KEPT:
-            ENCODER_CACHE.popitem(last=False)
-    ENCODER_CACHE.move_to_end(key)
-    ENCODER_CACHE[key].encoder.to(home)
-    return ENCODER_CACHE[key]
+# The text encoder a checkpoint family holds, as the OMS modules read it: SD 2.x's OpenCLIP ViT-H/14, SDXL's CLIP-L
+# + bigG.
+TEXT_ENCODER_OF_FAMILY = {"sd2": OPENCLIP_H, "sdxl": SDXL_MIXCLIP}
+
+
+def model_text(sd_model, family: str) -> ModelText | None:
+    kind = TEXT_ENCODER_OF_FAMILY.get(family)
+    if kind is None:
+        return None
+    return ModelText(frozenset([kind]), checkpoint_identity(sd_model),
+                     functools.partial(checkpoint_text_weights, sd_model, kind))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,11 +219,8 @@ def load_encoder(kind: str, source: EncoderSource, sd_model, home, dtype) -> tex
 class Plan:
     args: OMSArgs
     job: Job | None
-    module: object = None
-    encoder: object = None
-    device: torch.device = torch.device("cpu")
-    low_vram: bool = False
-    offload: bool = False
+    prepared: Prepared | None = None
+    placement: Placement | None = None
     error: Exception | None = None
     said: set = field(default_factory=set)
 
@@ -365,35 +251,22 @@ def prepare(p, args: OMSArgs) -> Plan:
         say_skipped(p, plan, reason)
         return plan
     latent_space = LATENT_SPACE_OF_FAMILY[family]
-    plan.device, dtype = device_and_dtype()
-    plan.low_vram = low_vram_mode(sd_model)
-    plan.offload = offload_after_use(option("oms_keep_in_vram", True), plan.low_vram, plan.device.type)
-    home = torch.device("cpu") if plan.offload else plan.device  # where the module waits between steps
-    entry = found_or_downloaded(
-        lambda: choose_module(module_name(args.module), module_entries(), latent_space,
-                              option(f"oms_module_{latent_space}", AUTOMATIC),
-                              lambda e: module_files.describe_module(e.path)[0], module_dirs()),
-        functools.partial(download.obtain_module, latent_space, module_dirs()[0]))
-    loads = MODULE_CACHE.loads
-    plan.module = MODULE_CACHE.get(entry.path, home, dtype)
-    if MODULE_CACHE.loads != loads:
-        log(f"module: {entry.path} loaded ({plan.module.latent_space}, {plan.module.text_encoder})")
-    plan.module.cuda_graphs = not plan.offload  # a module moved in and out for every step would recapture each time
-    module_files.check_latent_space(plan.module, latent_space)
-    source = found_or_downloaded(
-        lambda: resolve_text_encoder(plan.module.text_encoder, family, setting_path=option("oms_text_encoder_path", ""),
-                                     module_dirs=module_dirs(), hub_dir=huggingface_hub_dir(),
-                                     checkpoints=checkpoint_files()),
-        functools.partial(download.obtain_text_encoder, module_dirs()[0]))
-    plan.encoder = load_encoder(plan.module.text_encoder, source, sd_model, home, dtype)
-    plan.encoder.encoder.cuda_graphs = plan.module.cuda_graphs
-    p.extra_generation_params.update(infotext_params(args, module_label(entry.name, plan.module.short_hash)))
+    device, dtype = device_and_dtype()
+    plan.placement = Placement.of(device, sd_model, setting("oms_keep_in_vram"))
+    choice = Choice(module_name(args.module), setting(module_setting_key(latent_space)),
+                    setting("oms_text_encoder_layer"), plan.placement.home, dtype,
+                    cuda_graphs=not plan.placement.offload)  # weights moved for every step would recapture each time
+    plan.prepared = RUNTIME.prepare(choice, latent_space, host(), model_text(sd_model, family))
+    for loaded in plan.prepared.loaded:
+        log(f"{loaded} loaded")
+    p.extra_generation_params.update(infotext_params(args, plan.prepared.label))
     requested_hash = module_hash(args.module)
-    if requested_hash and requested_hash != plan.module.short_hash.lower():
+    if requested_hash and requested_hash != plan.prepared.module.short_hash.lower():
         p.extra_generation_params[INFOTEXT_MODULE_REQUESTED] = args.module
-        say_once(plan, f"the module file {plan.module.weights_path} has hash {plan.module.short_hash}, not "
-                       f"{requested_hash} as asked ({args.module}): it is another file of that name, so the image "
-                       "will differ from the one these parameters came from")
+        module = plan.prepared.module
+        say_once(plan, f"the module file {module.weights_path} has hash {module.short_hash}, not {requested_hash} as "
+                       f"asked ({args.module}): it is another file of that name, so the image will differ from the one "
+                       "these parameters came from")
     passes = "; ".join(untouched_passes(job))
     if passes:
         p.extra_generation_params[INFOTEXT_FIRST_PASS_ONLY] = passes
@@ -401,78 +274,8 @@ def prepare(p, args: OMSArgs) -> Plan:
     return plan
 
 
-@functools.cache  # the WebUI does not change while it runs: look once, not at every generation
-def memory_manager():
-    """The Forge family's memory manager, which places every model on the GPU itself (Forge and Forge Neo:
-    ``backend.memory_management``; reForge and Forge Classic: ``ldm_patched.modules.model_management``), or None
-    (A1111, whose --lowvram / --medvram is ``modules.lowvram``)."""
-    for name in ("backend.memory_management", "ldm_patched.modules.model_management"):
-        try:
-            manager = importlib.import_module(name)
-        except ImportError:
-            continue
-        if callable(getattr(manager, "free_memory", None)) and hasattr(manager, "vram_state"):
-            return manager
-    return None
-
-
-def low_vram_mode(sd_model) -> bool:
-    """A1111's --lowvram / --medvram (set on the model by modules.lowvram), or the Forge family's manager in a
-    low-VRAM state: then the module and text encoder leave the GPU after the step."""
-    if getattr(sd_model, "lowvram", False):
-        return True
-    manager = memory_manager()
-    return manager is not None and manager_low_vram(getattr(manager.vram_state, "name", str(manager.vram_state)))
-
-
-def bytes_off(device: torch.device, models) -> int:
-    """Bytes of the models' weights that are not on ``device`` yet."""
-    return sum(t.numel() * t.element_size() for model in models for t in (*model.parameters(), *model.buffers())
-               if t.device.type != device.type)
-
-
-def managers_device(manager, device: torch.device) -> torch.device:
-    """``device`` as the manager names it: it tells its models' devices apart by ``==``, and torch.device("cuda")
-    is not torch.device("cuda:0")."""
-    own = manager.get_torch_device() if callable(getattr(manager, "get_torch_device", None)) else None
-    if device.index is None and own is not None and torch.device(own).type == device.type:
-        return torch.device(own)
-    return device
-
-
-def make_room(plan: Plan) -> None:
-    """Room on the GPU for the module and text encoder: the Forge family's manager frees what they need as it does
-    for its own models (and unloads everything in its no-VRAM state); on A1111 in low-VRAM mode the WebUI's model
-    goes to the CPU first (modules.lowvram)."""
-    if plan.device.type == "cpu":
-        return
-    manager = memory_manager()
-    if manager is not None:
-        models = [plan.module.unet, *plan.encoder.encoder.torch_models()]
-        inference = manager.minimum_inference_memory() if hasattr(manager, "minimum_inference_memory") else 0
-        room = room_to_ask(bytes_off(plan.device, models), inference)
-        manager.free_memory(room, managers_device(manager, plan.device))
-    elif plan.low_vram:
-        importlib.import_module("modules.lowvram").send_everything_to_cpu()
-
-
-@contextlib.contextmanager
-def on_device(plan: Plan):
-    """The module and text encoder on the OMS device for the step, after ``make_room``; offloaded afterwards in
-    low-VRAM mode or when they are not kept in VRAM."""
-    from modules import devices
-
-    make_room(plan)
-    plan.module.to(plan.device)
-    plan.encoder.encoder.to(plan.device)
-    try:
-        yield
-    finally:
-        if plan.offload:
-            plan.module.to("cpu")
-            plan.encoder.encoder.to("cpu")
-            devices.torch_gc()
-
+# ---------------------------------------------------------------------------------------------------------------
+# The step, at the first noise draw of each batch
 
 @contextlib.contextmanager
 def global_generators_kept():
@@ -490,46 +293,35 @@ def global_generators_kept():
 
 def fresh_noise(p, shape, device) -> torch.Tensor:
     """z of the SDE solver, drawn by the WebUI's own ImageRNG as it draws this batch's noise, with seeds and variation
-    seeds shifted by Z_SEED_OFFSET: the RNG source, variation seed / strength and "resize seed from" apply, z is never
-    the WebUI's own draw, and each image's z depends on its own seeds (a batch equals the images made one by one).
-    At variation strength 0 it is randn_local(seed + Z_SEED_OFFSET), as before."""
+    seeds taken through ``z_seed``: the RNG source, variation seed / strength and "resize seed from" apply, z is never
+    the WebUI's own draw, and each image's z depends on its own seeds (a batch equals the images made one by one)."""
     from modules import rng
 
-    seeds = [int(seed) + Z_SEED_OFFSET for seed in p.seeds]
-    subseeds = None if p.subseeds is None else [int(seed) + Z_SEED_OFFSET for seed in p.subseeds]
+    seeds = [z_seed(seed) for seed in p.seeds]
+    subseeds = None if p.subseeds is None else [z_seed(seed) for seed in p.subseeds]
     with global_generators_kept():
         draw = rng.ImageRNG(tuple(shape), seeds, subseeds=subseeds, subseed_strength=p.subseed_strength,
                             seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w).next()
     return draw.to(device)
 
 
-def interrupted() -> bool:
-    state = shared.state
-    return bool(state.interrupted or state.skipped or getattr(state, "stopping_generation", False))
-
-
 def corrected_noise(p, plan: Plan, noise: torch.Tensor) -> torch.Tensor | None:
     """The noise to sample from instead of ``noise`` (the unit draw of this batch), or None to leave it."""
     start = sampler_start(p, plan.job)
-    reason = start if isinstance(start, str) else start_skip_reason(start)
-    if reason:
-        say_skipped(p, plan, reason)
-        return None
+    inpainting = None
+    if plan.job.mode == "img2img" and not isinstance(start, str):
+        inpainting = Inpainting(p.init_latent, p.nmask, start.sigma0)
     args = plan.args
-    prompts = oms_prompts(args.prompt, list(p.prompts), p.steps)
-    negative = clean_prompt(args.negative_prompt, p.steps)
-    readable = plan.encoder.max_length - 2  # the start and end tokens take two places
-    if any(text_encoders.token_count(prompt) > readable for prompt in [*prompts, negative]):
-        say_once(plan, f"a prompt is longer than the {readable} tokens the OMS text encoder reads: OMS reads only its "
-                       "beginning. Put the words for light and colour first, or write them in the OMS prompt")
-    unit = noise.float()
-    z = fresh_noise(p, unit.shape[1:], unit.device) if args.engine_solver == "sde" else None
-    with on_device(plan):
-        out = oms_start(plan.module, plan.encoder, unit, prompts, start=start, cfg=args.cfg,
-                        negative_prompt=negative, solver=args.engine_solver, z=z)
-    if plan.job.mode == "img2img":
-        out = inpaint_noise(out, unit, p.init_latent.float(), p.nmask.float(), start.sigma0)
-    return out.to(noise.dtype)
+    outcome = corrected_start(
+        plan.prepared, noise, start, prompts=oms_prompts(args.prompt, list(p.prompts), p.steps),
+        negative_prompt=clean_prompt(args.negative_prompt, p.steps), cfg=args.cfg, solver=args.solver,
+        draw_z=lambda: fresh_noise(p, noise.shape[1:], noise.device), inpainting=inpainting,
+        placed=lambda: on_device(plan.prepared, plan.placement))
+    if outcome.skipped:
+        say_skipped(p, plan, outcome.skipped)
+    for note in outcome.notes:
+        say_once(plan, note)
+    return outcome.noise
 
 
 class FirstDraw:
@@ -559,7 +351,7 @@ def without_frames(error: Exception) -> Exception:
 
 
 def raise_error(error: Exception, _x):
-    refused = refusal(error)
+    refused = api.refusal(error)
     if refused is error:
         raise error
     raise refused from error
@@ -571,19 +363,12 @@ def correct_first_draw(p, plan: Plan, x: torch.Tensor) -> torch.Tensor:
     try:
         out = corrected_noise(p, plan, x)
     except OMSError as error:
-        raise refusal(error) from error
+        raise api.refusal(error) from error
     return x if out is None else out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The script
-
-def xyz_overrides(p) -> dict:
-    """The values of this X/Y/Z cell's OMS axes. A cell of any OMS axis turns OMS on, as an "[OMS] Enabled: True"
-    cell does, unless an [OMS] Enabled axis says otherwise."""
-    overrides = getattr(p, "_oms_xyz", {})
-    return {"enabled": True, **overrides} if overrides else {}
-
 
 def requested(args, overrides: dict) -> bool:
     """Whether OMS is asked for, before validating anything else (a disabled script must stay untouched)."""
@@ -631,6 +416,7 @@ class OneMoreStepScript(scripts.Script):
                                 step=a["cfg"].step, value=a["cfg"].default, elem_id=self.elem_id("cfg"))
                 solver = gr.Radio(label=a["solver"].label, choices=list(a["solver"].choices),
                                   value=a["solver"].default, elem_id=self.elem_id("solver"))
+            gr.HTML(hints_markup(), elem_classes=["oms-hints"])  # read by javascript/oms_hints.js, never shown
         components = {"enabled": enabled, "module": module, "prompt": prompt, "negative_prompt": negative_prompt,
                       "cfg": cfg, "solver": solver}
         self.infotext_fields = [(components[arg.name], PASTE[arg.name]) for arg in ARGS]
@@ -642,7 +428,7 @@ class OneMoreStepScript(scripts.Script):
         p._oms_plan = None
         for key in infotext_keys():  # X/Y/Z cells share one extra_generation_params: drop another cell's keys
             p.extra_generation_params.pop(key, None)
-        overrides = xyz_overrides(p)
+        overrides = xyz.overrides(p)
         if not requested(args, overrides):
             return
         try:
@@ -659,145 +445,10 @@ class OneMoreStepScript(scripts.Script):
             return
         if plan.error is not None:
             p.rng = FirstDraw(p.rng, functools.partial(raise_error, plan.error))
-        elif plan.module is not None:
+        elif plan.prepared is not None:
             p.rng = FirstDraw(p.rng, functools.partial(correct_first_draw, p, plan))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Settings, X/Y/Z axes
-
-def on_ui_settings():
-    section = ("oms", TITLE)
-
-    def add(key, info):
-        shared.opts.add_option(key, info)
-
-    for space, what in (("sd", "SD1.x / SD2.x"), ("sdxl", "SDXL")):
-        add(f"oms_module_{space}", shared.OptionInfo(
-            AUTOMATIC, f"Module used for {what} checkpoints when the module is 'Automatic'", gr.Dropdown,
-            lambda: {"choices": module_choices()}, refresh=lambda: None, section=section))
-    add("oms_auto_download", shared.OptionInfo(
-        True, "Download missing OMS files automatically (the module for the checkpoint and the SD 2.x text encoder, "
-        "from Hugging Face; --oms-no-download turns this off)", section=section))
-    add("oms_text_encoder_path", shared.OptionInfo(
-        "", "OpenCLIP ViT-H/14 text encoder: file or folder (blank: automatic search)", section=section))
-    add("oms_text_encoder_layer", shared.OptionInfo(
-        text_encoders.LAYERS[0], "Text encoder layer", gr.Radio, {"choices": list(text_encoders.LAYERS)},
-        section=section))
-    add("oms_keep_in_vram", shared.OptionInfo(
-        True, "Keep the module and text encoder in VRAM between generations (always offloaded with --lowvram/"
-        "--medvram)", section=section))
-    add("oms_precision", shared.OptionInfo(
-        PRECISIONS[0], "Precision of the module and text encoder (Automatic: fp16 on a GPU unless the WebUI runs its "
-        "model in fp32, e.g. A1111's --no-half or Forge's --all-in-fp32)",
-        gr.Radio, {"choices": list(PRECISIONS)}, section=section))
-
-
-class AlwaysonArgsCheck:
-    """ASGI middleware answering HTTP 422 with a message for a txt2img/img2img request whose One More Step "args"
-    is not a list (the WebUI's API would answer ``KeyError: 0``). Other requests pass untouched: the body read here
-    is handed on as it came."""
-
-    PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") not in self.PATHS:
-            return await self.app(scope, receive, send)
-        messages, body = [], b""
-        while True:
-            message = await receive()
-            messages.append(message)
-            body += message.get("body", b"")
-            if message.get("type") != "http.request" or not message.get("more_body", False):
-                break
-        problem = alwayson_args_problem(body, TITLE)
-        if problem is not None:
-            content = json.dumps({"error": "HTTPException", "detail": problem, "body": "", "errors": problem})
-            await send({"type": "http.response.start", "status": 422,
-                        "headers": [(b"content-type", b"application/json")]})
-            return await send({"type": "http.response.body", "body": content.encode()})
-
-        async def replay():
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replay, send)
-
-
-def add_middleware(app, middleware) -> None:
-    """``app.add_middleware`` once the app serves requests, on every Starlette the WebUIs ship. Starlette ≤ 0.2x
-    (A1111: 0.26) rebuilds its middleware stack there; later ones (Forge Neo: 0.50) refuse ("Cannot add middleware
-    after an application has started") and build the stack from ``user_middleware`` when it is None, which the next
-    request then does with this one in it."""
-    try:
-        app.add_middleware(middleware)
-    except RuntimeError:
-        from starlette.middleware import Middleware
-
-        app.user_middleware.insert(0, Middleware(middleware))
-        app.middleware_stack = None
-
-
-def on_app_started(_demo, app) -> None:
-    add_middleware(app, AlwaysonArgsCheck)
-
-
-def set_xyz_value(p, x, xs, *, name):
-    p._oms_xyz = {**getattr(p, "_oms_xyz", {}), name: x}
-
-
-def confirm_xyz_values(p, xs, *, arg):
-    """Every value of an OMS axis checked before the grid starts (a missing module too)."""
-    try:
-        for x in xs:
-            value = convert(arg, x)
-            if arg.kind == "module" and value != AUTOMATIC:
-                try:
-                    named_module(module_name(value), module_entries(), module_dirs())
-                except ModuleFileError as missing:
-                    raise ArgumentError(f"One More Step: argument '{arg.name}' ({arg.label}): {missing}") from None
-    except OMSError as error:
-        raise refusal(error) from error
-
-
-def prepare_number_values(text: str, *, xyz, arg) -> list[str]:
-    """The X/Y/Z plot's own list and range parsing of a number axis, with the extension's message for a value that
-    is neither a number nor a range (the plot alone says only "could not convert string to float")."""
-    values = xyz.csv_string_to_list_strip(text)
-    for value in values:
-        if value and not (xyz.re_range_float.fullmatch(value) or xyz.re_range_count_float.fullmatch(value)):
-            confirm_xyz_values(None, [value], arg=arg)
-    return values
-
-
-def find_xyz_module():
-    for data in scripts.scripts_data:
-        if data.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid"):
-            return data.module
-    return None
-
-
-def register_xyz_axes() -> None:
-    xyz = find_xyz_module()
-    if xyz is None or any(opt.label.startswith(AXIS_PREFIX) for opt in xyz.axis_options):
-        return
-    types = {"bool": str, "number": float, "text": str, "choice": str, "module": str}
-    choices = {"bool": lambda: ["True", "False"], "module": module_choices}
-    has_prepare = "prepare" in inspect.signature(xyz.AxisOption).parameters  # A1111 >= 1.9, Forge, reForge
-    for arg in ARGS:
-        if arg.axis is None:
-            continue
-        arg_choices = choices.get(arg.kind) or ((lambda arg=arg: list(arg.choices)) if arg.choices else None)
-        prepare = {"prepare": functools.partial(prepare_number_values, xyz=xyz, arg=arg)} \
-            if arg.kind == "number" and has_prepare else {}
-        xyz.axis_options.append(xyz.AxisOption(
-            arg.axis, types[arg.kind], functools.partial(set_xyz_value, name=arg.name),
-            confirm=functools.partial(confirm_xyz_values, arg=arg), choices=arg_choices,
-            cost=0.5 if arg.kind == "module" else 0.0, **prepare))
-
-
-script_callbacks.on_ui_settings(on_ui_settings)
-script_callbacks.on_before_ui(register_xyz_axes)
-script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_ui_settings(functools.partial(on_ui_settings, module_choices))
+script_callbacks.on_before_ui(xyz.register_axes)
+script_callbacks.on_app_started(api.on_app_started)

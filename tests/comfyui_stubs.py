@@ -1,5 +1,5 @@
 """Stand-ins for the few pieces of ComfyUI 0.26 the One More Step nodes touch, written from the behaviour they have
-(hosts-2026.md, "ComfyUI 0.26"), not from ComfyUI's code, so that the nodes run in CI without ComfyUI.
+(as ComfyUI 0.26 behaves), not from ComfyUI's code, so that the nodes run in CI without ComfyUI.
 
 ``install(monkeypatch, models_dir)`` puts them into ``sys.modules`` and returns them; ``sample`` plays a sampler
 through the SAMPLER_SAMPLE wrappers of a patched model and returns the x it starts from.

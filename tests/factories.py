@@ -1,7 +1,7 @@
 """Tiny random OMS modules in the released file layouts, for every test in the project.
 
 Nothing here downloads: weights are random (every parameter, so outputs are non-trivial) and written with
-safetensors exactly as the released modules are laid out (method-and-weights.md §4). Other helpers may ADD
+safetensors exactly as the released modules are laid out. Other helpers may ADD
 functions at the end of this file.
 """
 
@@ -15,10 +15,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lib_oms.text_encoders import TowerSpec, clip_text_config, load_openclip_text_encoder
+from lib_oms.runtime import HostWords
+from lib_oms.text_encoders import (
+    TowerSpec,
+    clip_text_config,
+    load_openclip_text_encoder,
+    openclip_to_transformers_names,
+)
 from lib_oms.unet import OMSUNet, load_into_meta, normalize_unet_config, parameter_shapes
 
-# The released oms_module/config.json of h1t/oms_b_openclip_15_21 (method-and-weights.md §2.2).
+# A host's words as the tests give them: messages must carry them where they say what to do.
+TEST_WORDS = HostWords(text_encoder_setting="the test host's text-encoder setting",
+                       other_places="the test host's other places and {hub_dir}",
+                       refresh="refresh the test host's list")
+
+# The released oms_module/config.json of h1t/oms_b_openclip_15_21.
 OMS_B_CONFIG = {
     "_class_name": "UNet2DConditionWoCTModel",
     "_diffusers_version": "0.23.1",
@@ -261,3 +272,15 @@ def text_tower_shapes(prefix: str, width: int, blocks: int) -> dict[str, tuple[i
     shapes = {f"{prefix}token_embedding.weight": (49408, width), f"{prefix}positional_embedding": (77, width)}
     shapes.update({f"{prefix}transformer.resblocks.{i}.ln_1.weight": (width,) for i in range(blocks)})
     return shapes
+
+
+def openclip_to_transformers(state_dict: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """An open_clip text tower (the tensors under ``prefix``) under transformers ``CLIPTextModel`` file names
+    (``text_model.*``): how the SD2.x diffusers text_encoder stores the same weights."""
+    own = {name[len(prefix):]: tensor for name, tensor in state_dict.items() if name.startswith(prefix)}
+    return {"text_model." + name: tensor for name, tensor in openclip_to_transformers_names(own).items()}
+
+
+def parameter_count(config: dict) -> int:
+    """Number of parameters of the network for ``config``."""
+    return sum(math.prod(shape) for shape in parameter_shapes(config).values())

@@ -18,6 +18,7 @@ import huggingface_hub
 import huggingface_hub.constants
 
 from lib_oms import download
+from lib_oms.catalog import RELEASED_MODULES
 from lib_oms.errors import ModuleMissingError
 from tests.hub_fixtures import MODULE_WEIGHTS
 
@@ -35,7 +36,7 @@ def refuse_network(*args, **kwargs):
 
 def main() -> None:
     models, cache = Path(sys.argv[1]), Path(sys.argv[2])
-    repo = download.MODULE_REPOS["sd"]
+    repo = RELEASED_MODULES["sd"].repo
     result = {"version": huggingface_hub.__version__, "endpoint": huggingface_hub.constants.ENDPOINT}
     # lib_oms.download through this client: dry run, a corrupt file refused, the whole set.
     result["dry_run"] = cli("--models-dir", str(models), "--dry-run", "all")

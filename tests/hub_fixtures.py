@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save, save_file
 
-from lib_oms.download import MODULE_REPOS, OPENCLIP_FILE, OPENCLIP_REPO, TEXT_ENCODER_REPOS
+from lib_oms.catalog import RELEASED_MODULES
+from lib_oms.download import OPENCLIP_FILE, OPENCLIP_REPO, TEXT_ENCODER_REPOS
 from tests.factories import TINY_OPENCLIP_H as TINY_H
 from tests.factories import random_state_dict, tiny_text_model, tiny_unet_config, write_released_folder
 
@@ -27,7 +28,7 @@ def released_module_files(latent_space: str, config: dict, seed: int, text_encod
     """The files of the released module repository of ``latent_space`` (fp16 and fp32 weights, pointer folders,
     README) with random weights of ``config``; ``text_encoder`` goes into model_index.json (None: left out, as
     released, so the width of the network tells it)."""
-    name = MODULE_REPOS[latent_space].split("/")[1]
+    name = RELEASED_MODULES[latent_space].folder
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_released_folder(Path(tmp), name, config, random_state_dict(config, seed=seed),
                                        text_encoder=text_encoder, both_precisions=True)
@@ -111,7 +112,7 @@ def write_openclip_checkpoint(path: Path) -> Path:
 def populate(hub, *, mirrors=TEXT_ENCODER_REPOS, laion: bool = True, modules=("sd", "sdxl")):
     """The fake hub with the released modules, the given SD 2.x mirrors and LAION's repository."""
     for space in modules:
-        hub.add(MODULE_REPOS[space], module_repo(space))
+        hub.add(RELEASED_MODULES[space].repo, module_repo(space))
     for repo in mirrors:
         hub.add(repo, text_encoder_mirror())
     if laion:

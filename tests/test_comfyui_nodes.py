@@ -18,6 +18,7 @@ from lib_oms import text_encoders
 from lib_oms.engine import Z_SEED_OFFSET
 from lib_oms.errors import LatentSpaceError, ModuleFileError, ModuleMissingError
 from lib_oms.module_files import load_module
+from lib_oms.runtime import OMSRuntime
 from oms_comfyui import logic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def comfy(monkeypatch, tmp_path):
     env = stubs.install(monkeypatch, models)
     monkeypatch.setattr(text_encoders, "load_openclip_text_encoder", tiny_encoder_loader())
     env.nodes = importlib.import_module("oms_comfyui.nodes")
-    env.nodes.BUNDLES.clear()
+    monkeypatch.setattr(env.nodes, "RUNTIME", OMSRuntime())  # nothing kept from another test
     env.oms = models / "oms"
     return env
 
@@ -125,6 +126,12 @@ def patched(comfy, model=None, prompt="a dark room", solver="SDE", cfg=1.0, **lo
     return out.args[0], out.ui
 
 
+def oms_run(model):
+    """The One More Step node's run, as its SAMPLER_SAMPLE wrapper holds it."""
+    (wrapper,) = model.wrappers["sampler_sample"]["one_more_step"]
+    return wrapper.args[0]
+
+
 @pytest.mark.parametrize(("sigmas", "max_denoise"), [(None, True), ([14.4386, 3.0, 0.0], False)])
 def test_the_sampler_starts_at_x0_hat_plus_sigma0_z(comfy, sigmas, max_denoise):
     model, ui = patched(comfy)
@@ -135,7 +142,8 @@ def test_the_sampler_starts_at_x0_hat_plus_sigma0_z(comfy, sigmas, max_denoise):
     assert torch.allclose(x, expected_start(comfy.oms, noise, 5, float(sigmas[0])), atol=1e-4)
     assert "module oms_tiny_15_21 [" in ui["text"][0]
     assert model.model_options["transformer_options"]["one_more_step"]["prompt"] == "a dark room"
-    assert model.additional_models["one_more_step"] == [comfy.nodes.BUNDLES[next(iter(comfy.nodes.BUNDLES))].patcher]
+    run = oms_run(model)
+    assert model.additional_models["one_more_step"] == run.patchers and len(run.patchers) == 2
 
 
 def test_an_image_remade_from_its_batch_index_equals_it_in_the_batch(comfy):
@@ -245,8 +253,8 @@ def test_a_model_sampling_patched_after_the_node_is_checked_when_sampling(comfy,
 
 
 def test_automatic_picks_the_module_of_the_latent_space(comfy):
-    patched(comfy, sd_model(latent_format=stubs.SDXL))
-    assert next(iter(comfy.nodes.BUNDLES.values())).label.startswith(SDXL_MODULE)
+    model, _ = patched(comfy, sd_model(latent_format=stubs.SDXL))
+    assert oms_run(model).prepared.label.startswith(SDXL_MODULE)
 
 
 def test_a_named_module_of_another_latent_space_is_refused(comfy):
@@ -271,12 +279,14 @@ def test_a_missing_module_names_comfyui_folders_when_downloading_is_off(comfy, t
 
 
 def test_modules_are_loaded_once_and_registered_with_model_management(comfy):
-    patched(comfy)
-    patched(comfy, prompt="another prompt")
-    assert len(comfy.nodes.BUNDLES) == 1
-    bundle = next(iter(comfy.nodes.BUNDLES.values()))
-    assert isinstance(bundle.patcher, stubs.ModelPatcher)
-    assert {id(p) for p in bundle.patcher.model.parameters()} >= {id(p) for p in bundle.module.unet.parameters()}
+    first, second = oms_run(patched(comfy)[0]), oms_run(patched(comfy, prompt="another prompt")[0])
+    assert second.prepared.module is first.prepared.module and second.prepared.encoder is first.prepared.encoder
+    assert second.patchers == first.patchers  # one ModelPatcher per set of weights: only it moves them
+    module_patcher, encoder_patcher = first.patchers
+    assert isinstance(module_patcher, stubs.ModelPatcher)
+    weights = lambda models: {id(p) for model in models for p in model.parameters()}  # noqa: E731
+    assert weights([module_patcher.model]) == weights([first.prepared.module.unet])
+    assert weights([encoder_patcher.model]) == weights(first.prepared.encoder.encoder.torch_models())
     assert folder_list(comfy) == [str(comfy.oms), str(REPO / "models")]
 
 
@@ -301,7 +311,7 @@ def test_noise_node_corrects_the_draw_of_its_noise(comfy):
     drawn = noise.generate_noise({"samples": latent})
     x = stubs.EPS().noise_scaling(sigma0, drawn, latent, True)
     assert torch.allclose(x, expected_start(comfy.oms, plain, 5, sigma0), atol=1e-4)
-    assert comfy.loaded == [[noise.run.bundle.patcher]]
+    assert comfy.loaded == [noise.run.patchers]
 
 
 def test_root_package_is_comfyuis_entry_point(comfy):

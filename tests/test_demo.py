@@ -1,4 +1,4 @@
-"""The embedded demo (issue #4): the small world, its models, the sampler, the metrics, and the targets measured on
+"""The embedded demo: the small world, its models, the sampler, the metrics, and the targets measured on
 the SHIPPED weights with a fast configuration."""
 
 from __future__ import annotations

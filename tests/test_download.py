@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from lib_oms import download
+from lib_oms.catalog import OPENCLIP_H, RELEASED_MODULES
 from lib_oms.errors import DownloadError, ModuleMissingError, TextEncoderMissingError
 from lib_oms.module_files import find_modules, load_module
 from lib_oms.sources import EncoderSource, resolve_text_encoder
 from lib_oms.text_encoders import load_openclip_text_encoder
+from tests.factories import TEST_WORDS
 from tests.fake_hub import FakeHub
 from tests.hub_fixtures import (
     MODULE_WEIGHTS,
@@ -29,7 +31,7 @@ from tests.hub_fixtures import (
     write_openclip_checkpoint,
 )
 
-SD_REPO, XL_REPO = download.MODULE_REPOS["sd"], download.MODULE_REPOS["sdxl"]
+SD_REPO, XL_REPO = RELEASED_MODULES["sd"].repo, RELEASED_MODULES["sdxl"].repo
 MIRROR, MIRROR_BASE = download.TEXT_ENCODER_REPOS
 
 
@@ -124,7 +126,7 @@ def test_text_encoder_from_the_first_mirror(hub, models):
     assert folder == models / "text_encoder"
     fp16 = text_encoder_mirror()["text_encoder/model.fp16.safetensors"]
     assert (folder / "model.fp16.safetensors").read_bytes() == fp16
-    found = resolve_text_encoder("openclip-h", "sd1", setting_path="", module_dirs=[models], hub_dir=models / "none")
+    found = resolve_text_encoder(OPENCLIP_H, words=TEST_WORDS, module_dirs=[models], hub_dir=models / "none")
     assert found == EncoderSource("file", folder)
     encoder = load_openclip_text_encoder(found.path, spec=TINY_H)
     assert encoder.encode(["a dark alley"]).shape == (1, 77, TINY_H.width)
@@ -281,7 +283,8 @@ def test_no_download_names_the_files_urls_and_folders(hub, models, monkeypatch, 
         assert f"{hub.url}/{XL_REPO}/resolve/main/{path}" in message
     assert str(models / "oms_b_openclip_xl") in message
     with pytest.raises(TextEncoderMissingError) as error:
-        download.obtain_text_encoder(models, TextEncoderMissingError("no text encoder"), refused=refused)
+        download.obtain_text_encoder(models, TextEncoderMissingError("no text encoder"), setting="the setting",
+                                     refused=refused)
     assert f"{hub.url}/{MIRROR}/resolve/main/text_encoder/model.fp16.safetensors" in str(error.value)
     assert str(models / "text_encoder") in str(error.value)
     assert hub.requests == []
@@ -313,7 +316,7 @@ def test_cli_fills_an_empty_folder_then_needs_no_network(hub, models, monkeypatc
     assert download.main(["--models-dir", str(models), "all"]) == 0
     assert sorted(entry.name for entry in find_modules([models])) == ["oms_b_openclip_15_21", "oms_b_openclip_xl"]
     assert [load_module(e.path).latent_space for e in find_modules([models])] == ["sd", "sdxl"]
-    found = resolve_text_encoder("openclip-h", "sd1", setting_path="", module_dirs=[models], hub_dir=tmp_path / "x")
+    found = resolve_text_encoder(OPENCLIP_H, words=TEST_WORDS, module_dirs=[models], hub_dir=tmp_path / "x")
     assert found == EncoderSource("file", models / "text_encoder")
     load_openclip_text_encoder(found.path, spec=TINY_H)
     block_network(monkeypatch)
@@ -354,7 +357,7 @@ def test_cli_dry_run_without_the_hub_says_so_and_lists_what_it_would_fetch(no_hu
     captured = capsys.readouterr()
     assert captured.err == f"error: the hub ({no_hub}) cannot be reached (Connection refused): nothing was listed\n"
     out = captured.out
-    for item, repo in download.MODULE_REPOS.items():
+    for item, repo in {space: module.repo for space, module in RELEASED_MODULES.items()}.items():
         assert f"{download.module_folder(item, models)}/ (about 294 MB)" in out and f"<- {repo}\n" in out
     assert out.count(download.WEIGHTS_CHOICES[0]) == 2
     assert f"{models / 'text_encoder'}/ (about 681 MB)" in out and "text_encoder/model.fp16.safetensors" in out
@@ -367,7 +370,7 @@ def test_cli_dry_run_in_offline_mode_lists_what_it_would_fetch(no_hub, models, m
     assert download.main(["--models-dir", str(models), "--dry-run", "sd"]) == 1
     captured = capsys.readouterr()
     assert "HF_HUB_OFFLINE is set" in captured.err
-    assert download.MODULE_REPOS["sd"] in captured.out and "text_encoder/config.json" in captured.out
+    assert RELEASED_MODULES["sd"].repo in captured.out and "text_encoder/config.json" in captured.out
 
 
 def test_cli_text_encoder_without_the_hub_is_one_short_line(no_hub, models, capsys):

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lib_oms.engine import Z_SEED_OFFSET, oms_start, seeded_unit_noise
+from lib_oms.engine import Z_SEED_OFFSET, oms_start, seeded_unit_noise, seeded_z, z_seed
 from lib_oms.errors import TextEncoderError
 from lib_oms.step import SamplerStart
 
@@ -45,7 +45,7 @@ def unit_noise(batch=2, seed=0):
 
 
 def test_sde_k_diffusion_is_x0_over_sigma_plus_z():
-    """webui.md §2.7: with the exact posterior the handed noise is ε' + x̂0/σ₀."""
+    """With the exact posterior the noise handed to a k-diffusion sampler is ε' + x̂0/σ₀."""
     module, encoder = constant_module(), MeanEncoder()
     noise, z = unit_noise(), unit_noise(seed=1)
     out = oms_start(module, encoder, noise, ["dark", "bright"], start=SamplerStart.k_diffusion(SIGMA0), z=z)
@@ -84,23 +84,31 @@ def test_sgm_noise_multiplier_hands_over_the_vp_latent():
 def test_batch_equals_images_made_one_by_one():
     seeds = [11, 12, 13]
     noise = torch.stack([unit_noise(1, seed)[0] for seed in seeds])
-    z = seeded_unit_noise(seeds, noise.shape[1:])
+    z = seeded_z(seeds, noise.shape[1:])
     start = SamplerStart.k_diffusion(SIGMA0)
     prompts = ["dark", "bright", "red"]
     batch = oms_start(constant_module(), MeanEncoder(), noise, prompts, start=start, cfg=1.5, z=z)
     for i, seed in enumerate(seeds):
         single = oms_start(constant_module(), MeanEncoder(), noise[i:i + 1], [prompts[i]], start=start, cfg=1.5,
-                           z=seeded_unit_noise([seed], noise.shape[1:]))
+                           z=seeded_z([seed], noise.shape[1:]))
         assert torch.equal(batch[i:i + 1], single)
 
 
-def test_seeded_noise_is_per_seed_and_not_the_seeds_own_stream():
-    a = seeded_unit_noise([5, 6], (4, 3, 3))
-    assert torch.equal(a[1], seeded_unit_noise([6], (4, 3, 3))[0])
+def test_seeded_z_is_per_seed_and_not_the_seeds_own_stream():
+    a = seeded_z([5, 6], (4, 3, 3))
+    assert torch.equal(a[1], seeded_z([6], (4, 3, 3))[0])
     assert not torch.equal(a[0], a[1])
-    own = torch.randn((4, 3, 3), generator=torch.Generator().manual_seed(5))
+    own = seeded_unit_noise([5], (4, 3, 3))[0]
+    assert torch.equal(own, torch.randn((4, 3, 3), generator=torch.Generator().manual_seed(5)))
     assert not torch.allclose(a[0], own)
     assert torch.equal(a[0], torch.randn((4, 3, 3), generator=torch.Generator().manual_seed(5 + Z_SEED_OFFSET)))
+
+
+@pytest.mark.parametrize("seed, expected", [(0, Z_SEED_OFFSET), (2**32 - 1, 2**32 - 1 + Z_SEED_OFFSET),
+                                            (2**64 - 1, Z_SEED_OFFSET - 1), (2**63, 2**63 + Z_SEED_OFFSET)])
+def test_z_seed_wraps_into_the_generators_range(seed, expected):
+    assert z_seed(seed) == expected
+    torch.Generator().manual_seed(z_seed(seed))  # every value is one a generator takes
 
 
 def test_output_keeps_the_noise_dtype():

@@ -17,13 +17,14 @@ import sys
 import pytest
 
 from lib_oms import download
+from lib_oms.catalog import RELEASED_MODULES
 from lib_oms.module_files import find_modules, load_module
 from lib_oms.text_encoders import load_openclip_text_encoder
 from tests import hub_clients
 from tests.fake_hub import FakeHub
 from tests.hub_fixtures import MODULE_WEIGHTS, TINY_H, module_repo, populate, text_encoder_mirror
 
-SD_REPO, XL_REPO = download.MODULE_REPOS["sd"], download.MODULE_REPOS["sdxl"]
+SD_REPO, XL_REPO = RELEASED_MODULES["sd"].repo, RELEASED_MODULES["sdxl"].repo
 PINNED = "0.25.2"
 CUT_AT = 200_000
 

@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 import struct
 
 import pytest
@@ -11,7 +10,6 @@ import torch
 import lib_oms.module_files as modules
 from lib_oms.errors import LatentSpaceError, ModuleFileError
 from lib_oms.module_files import (
-    ModuleCache,
     ModuleEntry,
     check_latent_space,
     describe_module,
@@ -215,34 +213,13 @@ def test_describe_module_reads_no_tensor(tmp_path, tiny, monkeypatch):
     sidecar = write_lone_safetensors(tmp_path / "other.safetensors", state, config)
     write_sidecar(sidecar, latent_space="custom")
     monkeypatch.setattr(modules, "load_file", lambda *args, **kwargs: pytest.fail("tensors were read"))
-    assert describe_module(named) == ("sdxl", "openclip-h")
-    assert describe_module(indexed) == ("sd", "openclip-h")
-    assert describe_module(lone) == ("sdxl", "openclip-h")
-    assert describe_module(sidecar) == ("custom", "openclip-h")
-
-
-def test_cache_returns_the_same_module_until_a_file_changes(tmp_path, tiny):
-    config, state = tiny
-    folder = write_released_folder(tmp_path, "oms_sd15", config, state)
-    cache = ModuleCache()
-    module = cache.get(folder)
-    assert cache.get(folder) is module
-    assert cache.get(folder, dtype=torch.bfloat16) is not module
-    weights = folder / "oms_module" / "diffusion_pytorch_model.safetensors"
-    stat = weights.stat()
-    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    reloaded = cache.get(folder)
-    assert reloaded is not module and cache.get(folder) is reloaded
-    cache.clear()
-    assert cache.get(folder) is not reloaded
-
-
-def test_cache_reloads_after_the_sidecar_changes(tmp_path, tiny):
-    path = write_lone_safetensors(tmp_path / "m.safetensors", tiny[1], tiny[0])
-    cache = ModuleCache()
-    assert cache.get(path).latent_space == "unknown"
-    write_sidecar(path, latent_space="sdxl")
-    assert cache.get(path).latent_space == "sdxl"
+    described = {path: describe_module(path) for path in (named, indexed, lone, sidecar)}
+    assert {path: (d.latent_space, d.text_encoder) for path, d in described.items()} == {
+        named: ("sdxl", "openclip-h"), indexed: ("sd", "openclip-h"), lone: ("sdxl", "openclip-h"),
+        sidecar: ("custom", "openclip-h")}
+    assert (described[named].name, described[named].path) == ("oms_b_openclip_xl", named)
+    with pytest.raises(LatentSpaceError, match="made for the 'sdxl' latent space"):
+        check_latent_space(described[named], "sd")  # a module that cannot serve is refused before it is loaded
 
 
 # --- saving ---------------------------------------------------------------------------------------------------

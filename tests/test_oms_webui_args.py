@@ -1,11 +1,14 @@
 """The extension's arguments: one definition, API parsing and validation, infotext that pastes back."""
 
+import html
 import json
 import re
 from dataclasses import fields
 
 import pytest
 
+from lib_oms.options import HELP, SOLVERS
+from lib_oms.runtime import module_label
 from oms_webui.args import (
     ARGS,
     AUTOMATIC,
@@ -14,16 +17,16 @@ from oms_webui.args import (
     OMSArgs,
     alwayson_args_problem,
     from_dict,
+    hints_markup,
     infotext_keys,
     infotext_params,
     module_hash,
-    module_label,
     module_name,
     parse_script_args,
     paste_value,
 )
 
-# The WebUI's infotext key/value regex (infotext_utils.re_param_code, webui.md §5).
+# The WebUI's infotext key/value regex (infotext_utils.re_param_code).
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
@@ -71,7 +74,6 @@ def test_positional_args_with_defaults_for_missing_trailing_ones():
 def test_dict_form_and_values_after_it_ignored():
     args = parse_script_args([{"enabled": True, "cfg": 2, "solver": "ddim", "module": "automatic"}, "x", "", "", 9.0])
     assert args == OMSArgs(enabled=True, cfg=2.0, solver="DDIM", module=AUTOMATIC)
-    assert args.engine_solver == "ddim"
 
 
 @pytest.mark.parametrize("values, field", [
@@ -169,3 +171,14 @@ def test_alwayson_args_must_be_a_list(body, problem):
     found = alwayson_args_problem(json.dumps(body).encode(), "One More Step")
     assert (found is None) if problem is None else (problem in found and "[{\"enabled\": true" in found)
     assert alwayson_args_problem(b"not json", "One More Step") is None  # the API answers malformed JSON itself
+
+
+def test_the_hints_carry_every_label_and_solver_choice_with_the_shared_help():
+    """javascript/oms_hints.js reads these from the page: the words are declared once, in Python."""
+    markup = hints_markup()
+    carried = json.loads(html.unescape(re.fullmatch(r'<div data-oms-hints="([^"]*)"></div>', markup).group(1)))
+    assert carried["labels"] == {arg.label: arg.help for arg in ARGS}
+    assert carried["choices"] == {solver.name: solver.help for solver in SOLVERS}
+    assert carried["labels"]["OMS CFG"] == HELP["cfg"]
+    assert carried["labels"]["OMS prompt"].startswith(HELP["prompt"]) and "each image's own prompt" in \
+        carried["labels"]["OMS prompt"]

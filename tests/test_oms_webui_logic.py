@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lib_oms.catalog import OPENCLIP_H, SDXL_MIXCLIP
 from lib_oms.errors import ModuleFileError, ModuleMissingError, TextEncoderError, TextEncoderMissingError
 from lib_oms.sources import (
     EncoderSource,
@@ -33,17 +34,17 @@ from oms_webui.logic import (
     unwrap_hijacked_keys,
     uses_refiner,
 )
-from tests.factories import text_tower_shapes, write_sparse_checkpoint
+from tests.factories import TEST_WORDS, text_tower_shapes, write_sparse_checkpoint
 
 
 def sd_alphas_cumprod() -> torch.Tensor:
-    """SD1/SD2/SDXL: scaled-linear betas 0.00085 → 0.012 over 1000 steps (webui.md §2.3)."""
+    """SD1/SD2/SDXL: scaled-linear betas 0.00085 → 0.012 over 1000 steps."""
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, 0)
 
 
 def ddim_timesteps(steps: int) -> torch.Tensor:
-    """CompVisSampler.get_timesteps (webui.md §2.2)."""
+    """CompVisSampler.get_timesteps."""
     return torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
 
 
@@ -155,15 +156,17 @@ def entries(*specs):
 def test_choose_module():
     found = entries(("oms_xl", "sdxl"), ("oms_sd_a", "sd"), ("oms_sd_b", "sd"))
     space = lambda e: e.space  # noqa: E731
-    assert choose_module("Automatic", found, "sd", "Automatic", space, []).name == "oms_sd_a"
-    assert choose_module("Automatic", found, "sd", "oms_sd_b", space, []).name == "oms_sd_b"
-    assert choose_module("Automatic", found, "sd", "oms_xl", space, []).name == "oms_sd_a"  # wrong-space default
-    assert choose_module("oms_xl", found, "sd", "Automatic", space, []).name == "oms_xl"  # checked by the caller
-    with pytest.raises(ModuleFileError, match="'nope' was not found in /m") as named:
-        choose_module("nope", found, "sd", "Automatic", space, [Path("/m")])
+    choose = lambda *args: choose_module(*args, words=TEST_WORDS)  # noqa: E731
+    assert choose("Automatic", found, "sd", "Automatic", space, []).name == "oms_sd_a"
+    assert choose("Automatic", found, "sd", "oms_sd_b", space, []).name == "oms_sd_b"
+    assert choose("Automatic", found, "sd", "oms_xl", space, []).name == "oms_sd_a"  # wrong-space default
+    assert choose("oms_xl", found, "sd", "Automatic", space, []).name == "oms_xl"  # checked by the caller
+    with pytest.raises(ModuleFileError, match="'nope' was not found in /m: put it there and refresh the test host's "
+                                              "list") as named:
+        choose("nope", found, "sd", "Automatic", space, [Path("/m")])
     assert not isinstance(named.value, ModuleMissingError)  # a module the user named: nothing to download
     with pytest.raises(ModuleMissingError, match="h1t/oms_b_openclip_xl"):  # a download can fix this one
-        choose_module("Automatic", found[1:], "sdxl", "Automatic", space, [Path("/m")])
+        choose("Automatic", found[1:], "sdxl", "Automatic", space, [Path("/m")])
 
 
 def make_encoder_folder(path: Path) -> Path:
@@ -176,9 +179,10 @@ def make_encoder_folder(path: Path) -> Path:
 def test_text_encoder_search_order(tmp_path):
     models, hub = tmp_path / "models" / "oms", tmp_path / "hub"
     models.mkdir(parents=True)
-    find = lambda family="sd1", setting="": resolve_text_encoder(  # noqa: E731
-        "openclip-h", family, setting_path=setting, module_dirs=[models], hub_dir=hub)
-    with pytest.raises(TextEncoderMissingError, match="none was found"):
+    find = lambda holds=(), setting="": resolve_text_encoder(  # noqa: E731
+        OPENCLIP_H, model_holds=holds, text_encoder_path=setting, module_dirs=[models], hub_dir=hub, words=TEST_WORDS)
+    with pytest.raises(TextEncoderMissingError, match=r"none was found \(searched .*text_encoder, the test host's "
+                                                      r"other places and .*hub\)$"):
         find()
     snapshot = hub / "models--stabilityai--stable-diffusion-2-1" / "snapshots" / "abc"
     cached = make_encoder_folder(snapshot / "text_encoder")
@@ -192,8 +196,8 @@ def test_text_encoder_search_order(tmp_path):
     assert find() == EncoderSource("file", folder)
     setting = make_encoder_folder(tmp_path / "elsewhere")
     assert find(setting=str(setting)) == EncoderSource("file", setting)
-    assert find(family="sd2", setting=str(setting)) == EncoderSource("checkpoint")
-    with pytest.raises(TextEncoderError, match="Settings"):
+    assert find(holds={OPENCLIP_H}, setting=str(setting)) == EncoderSource("model")
+    with pytest.raises(TextEncoderError, match="set in the test host's text-encoder setting"):
         find(setting=str(tmp_path / "typo"))
 
 
@@ -210,7 +214,7 @@ def test_hub_cache_search_covers_the_mirrors_and_laion(tmp_path, cached):
         path.write_bytes(b"x")
     else:
         make_encoder_folder(path)
-    found = resolve_text_encoder("openclip-h", "sd1", setting_path="", module_dirs=[tmp_path / "oms"],
+    found = resolve_text_encoder(OPENCLIP_H, words=TEST_WORDS, module_dirs=[tmp_path / "oms"],
                                  hub_dir=tmp_path / "hub")
     assert found == EncoderSource("file", path)
 
@@ -232,7 +236,7 @@ def test_an_sd2_checkpoint_among_the_webuis_checkpoints_is_a_source(tmp_path, mo
     sd21 = sd2_checkpoint(checkpoints / "v2-1_768-ema-pruned.safetensors")
     assert sd21.stat().st_size > 100_000_000 and sd2_checkpoints([sd15, sdxl, pickled]) == []
     models = tmp_path / "oms"
-    find = lambda: resolve_text_encoder("openclip-h", "sd1", setting_path="", module_dirs=[models],  # noqa: E731
+    find = lambda: resolve_text_encoder(OPENCLIP_H, words=TEST_WORDS, module_dirs=[models],  # noqa: E731
                                         hub_dir=tmp_path / "hub", checkpoints=[sd15, sdxl, pickled, sd21])
     assert find() == EncoderSource("file", sd21)
     placed = make_encoder_folder(models / "text_encoder")
@@ -242,12 +246,12 @@ def test_an_sd2_checkpoint_among_the_webuis_checkpoints_is_a_source(tmp_path, mo
 
 
 def test_mixclip_and_unknown_encoders():
-    args = dict(setting_path="", module_dirs=[], hub_dir=Path("/nonexistent"))
-    assert resolve_text_encoder("sdxl-mixclip", "sdxl", **args) == EncoderSource("checkpoint")
-    with pytest.raises(TextEncoderError, match="SDXL"):
-        resolve_text_encoder("sdxl-mixclip", "sd1", **args)
+    args = dict(module_dirs=[], hub_dir=Path("/nonexistent"), words=TEST_WORDS)
+    assert resolve_text_encoder(SDXL_MIXCLIP, model_holds={SDXL_MIXCLIP}, **args) == EncoderSource("model")
+    with pytest.raises(TextEncoderError, match="SDXL checkpoint's own CLIP-L and OpenCLIP bigG"):
+        resolve_text_encoder(SDXL_MIXCLIP, model_holds={OPENCLIP_H}, **args)
     with pytest.raises(TextEncoderError, match="t5"):
-        resolve_text_encoder("t5", "sd1", **args)
+        resolve_text_encoder("t5", **args)
 
 
 def test_huggingface_hub_dir():
@@ -264,11 +268,11 @@ def test_unwrap_hijacked_keys():
 
 
 def test_precision_and_offload():
-    assert module_dtype("Automatic", "cuda", webui_full_precision=False) == torch.float16
-    assert module_dtype("Automatic", "cuda", webui_full_precision=True) == torch.float32
-    assert module_dtype("fp16", "cuda", webui_full_precision=True) == torch.float16
-    assert module_dtype("fp32", "cuda", webui_full_precision=False) == torch.float32
-    assert module_dtype("fp16", "cpu", webui_full_precision=False) == torch.float32
+    assert module_dtype("Automatic", "cuda", host_full_precision=False) == torch.float16
+    assert module_dtype("Automatic", "cuda", host_full_precision=True) == torch.float32
+    assert module_dtype("fp16", "cuda", host_full_precision=True) == torch.float16
+    assert module_dtype("fp32", "cuda", host_full_precision=False) == torch.float32
+    assert module_dtype("fp16", "cpu", host_full_precision=False) == torch.float32
     assert offload_after_use(keep_in_vram=True, low_vram=True, device_type="cuda")
     assert offload_after_use(keep_in_vram=False, low_vram=False, device_type="cuda")
     assert not offload_after_use(keep_in_vram=True, low_vram=False, device_type="cuda")

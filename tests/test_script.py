@@ -10,10 +10,13 @@ import zlib
 import pytest
 import torch
 
+from lib_oms import text_encoders as lib_text_encoders
 from lib_oms.engine import Z_SEED_OFFSET
-from lib_oms.errors import LatentSpaceError, ModuleFileError, OMSError, TextEncoderError
-from lib_oms.module_files import ModuleCache
+from lib_oms.errors import LatentSpaceError, ModuleFileError, TextEncoderError
+from lib_oms.module_files import load_module
+from oms_webui import environment, memory
 from oms_webui.args import ARGS, ArgumentError
+from oms_webui.logic import offload_after_use
 from tests.factories import (
     random_state_dict,
     text_tower_shapes,
@@ -62,6 +65,9 @@ class HashEncoder:
     def torch_models(self):
         return []  # no weights
 
+    def release_graphs(self):
+        pass  # nothing captured
+
     def encode(self, prompts):
         self.calls.append(list(prompts))
         return torch.stack([torch.randn(77, self.width, generator=torch.Generator().manual_seed(zlib.crc32(p.encode())))
@@ -87,12 +93,8 @@ def oms_dir(tmp_path_factory):
     return write_models(tmp_path_factory.mktemp("models"))
 
 
-SHARED_MODULES = ModuleCache()  # loaded once for the whole file (keyed by path and file stats)
-
-
 def make_webui(monkeypatch, oms_dir, **kwargs):
     webui = install(monkeypatch, oms_dir.parent, **kwargs)
-    monkeypatch.setattr(webui.script_module, "MODULE_CACHE", SHARED_MODULES)
     encoders = {}
 
     def fake_loader(kind):
@@ -101,9 +103,8 @@ def make_webui(monkeypatch, oms_dir, **kwargs):
             return HashEncoder(kind)
         return load
 
-    text_encoders = webui.script_module.text_encoders
-    monkeypatch.setattr(text_encoders, "load_openclip_text_encoder", fake_loader("openclip-h"))
-    monkeypatch.setattr(text_encoders, "load_mixclip_text_encoder", fake_loader("sdxl-mixclip"))
+    monkeypatch.setattr(lib_text_encoders, "load_openclip_text_encoder", fake_loader("openclip-h"))
+    monkeypatch.setattr(lib_text_encoders, "load_mixclip_text_encoder", fake_loader("sdxl-mixclip"))
     webui.loaded_encoders = encoders
     return webui
 
@@ -127,7 +128,7 @@ def unit_noise(seeds, shape=(4, 5, 6)):
 
 def expected_x0(oms_dir, name, noise, prompts):
     """x̂0 = −v of the module on disk for this noise and these prompts, computed without the glue."""
-    module = SHARED_MODULES.get(oms_dir / name)
+    module = load_module(oms_dir / name)
     context = HashEncoder("openclip-h").encode(prompts)
     with torch.no_grad():
         return -module.unet(noise, context)
@@ -169,7 +170,7 @@ def test_disabled_is_bit_identical_and_writes_nothing(monkeypatch, oms_dir, args
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Scaling per sampler family (webui.md §2.7)
+# Scaling per sampler family: each turns the unit noise it is given into its start in its own way
 
 @pytest.mark.parametrize("sigma0, sgm, solver", [
     (SIGMA_MAX, False, "SDE"),  # default schedulers
@@ -301,19 +302,24 @@ def test_drawing_z_leaves_the_global_generator_as_the_webui_left_it(monkeypatch,
     assert torch.equal(states[0], states[1])
 
 
+def used_encoder(p):
+    """The text encoder behind the prompt cache the generation of ``p`` used."""
+    return p._oms_plan.prepared.encoder.encoder
+
+
 def test_each_image_reads_its_own_cleaned_prompt_or_the_oms_prompt(webui):
-    encoder = webui.script_module.ENCODER_CACHE
-    webui.run(txt2img(seeds=[1, 2], prompts=["(dark:1.3) cave <lora:x:1>", "[snow|ice] field"]), ON)
-    (cache,) = encoder.values()
-    assert cache.encoder.calls[-1] == ["dark cave", "snow field"]
-    webui.run(txt2img(seeds=[3, 4], prompts=["a", "b"]), [True, "Automatic", "a (bright) room", "", 1.0, "SDE"])
-    assert cache.encoder.calls[-1] == ["a bright room"]  # one entry per distinct prompt (cache)
+    p = txt2img(seeds=[1, 2], prompts=["(dark:1.3) cave <lora:x:1>", "[snow|ice] field"])
+    webui.run(p, ON)
+    assert used_encoder(p).calls[-1] == ["dark cave", "snow field"]
+    p = txt2img(seeds=[3, 4], prompts=["a", "b"])
+    webui.run(p, [True, "Automatic", "a (bright) room", "", 1.0, "SDE"])
+    assert used_encoder(p).calls[-1] == ["a bright room"]  # one entry per distinct prompt (cache)
 
 
 def test_cfg_uses_the_oms_negative_prompt(webui):
-    webui.run(txt2img(seeds=[1]), [True, "Automatic", "", "(blurry)", 2.0, "SDE"])
-    (cache,) = webui.script_module.ENCODER_CACHE.values()
-    assert cache.encoder.calls == [["blurry", "a dark alley"]]  # both prompts in one call of the encoder
+    p = txt2img(seeds=[1])
+    webui.run(p, [True, "Automatic", "", "(blurry)", 2.0, "SDE"])
+    assert used_encoder(p).calls == [["blurry", "a dark alley"]]  # both prompts in one call of the encoder
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -362,7 +368,7 @@ def test_oms_prompts_per_image_or_the_oms_prompt(webui):
 def test_infotext_of_an_applied_step(webui, oms_dir):
     p = txt2img()
     webui.run(p, [True, "Automatic", "dark", "", 1.5, "DDIM"])
-    module = SHARED_MODULES.get(oms_dir / "oms_tiny_15_21")
+    module = load_module(oms_dir / "oms_tiny_15_21")
     assert p.extra_generation_params == {"OMS": True, "OMS module": f"oms_tiny_15_21 [{module.short_hash}]",
                                          "OMS prompt": "dark", "OMS CFG": 1.5, "OMS solver": "DDIM"}
 
@@ -390,7 +396,7 @@ def test_refiner_arguments_as_the_webui_reads_them(webui, refiner, switch_at, no
 
 def test_pasted_module_of_another_file_is_said(webui, oms_dir, capsys):
     """"OMS module: name [hash]" pasted from an image made with another file of that name: the image will differ."""
-    actual = SHARED_MODULES.get(oms_dir / "oms_tiny_15_21").short_hash
+    actual = load_module(oms_dir / "oms_tiny_15_21").short_hash
     p = txt2img()
     webui.run(p, [True, "oms_tiny_15_21 [0123456789]"])
     assert p.extra_generation_params["OMS module"] == f"oms_tiny_15_21 [{actual}]"
@@ -518,7 +524,7 @@ def test_a_failed_load_keeps_nothing_it_loaded(monkeypatch, oms_dir):
         except TypeError as error:
             raise TextEncoderError(f"{source}: cannot be loaded ({error})") from error
 
-    monkeypatch.setattr(webui.script_module.text_encoders, "load_openclip_text_encoder", read_then_fail)
+    monkeypatch.setattr(lib_text_encoders, "load_openclip_text_encoder", read_then_fail)
     gc.disable()  # only reference counting frees: what a server between full collections does
     try:
         with pytest.raises(HTTPException) as raised:
@@ -638,7 +644,7 @@ def test_errors_during_sampling_stop_the_generation(monkeypatch, oms_dir, with_h
 
     def broken(*args, **kwargs):
         raise failure
-    monkeypatch.setattr(webui.script_module, "oms_start", broken)
+    monkeypatch.setattr("lib_oms.runtime.oms_start", broken)
     p = txt2img()
     with pytest.raises(Exception) as raised:
         webui.run(p, ON)
@@ -675,12 +681,11 @@ def test_automatic_loads_only_the_module_it_chooses(monkeypatch, tmp_path):
                           text_encoder="sdxl-mixclip")
     write_lone_safetensors(folder / "sd21_text_encoder.safetensors", {"text_model.x": torch.zeros(2)})
     webui = make_webui(monkeypatch, folder)
-    monkeypatch.setattr(webui.script_module, "MODULE_CACHE", ModuleCache())
     loaded = []
     real_load = module_files.load_module
     monkeypatch.setattr(module_files, "load_module", lambda path, *a, **k: loaded.append(path.name) or real_load(
         path, *a, **k))
-    assert webui.script_module.module_choices() == ["Automatic", "aaa_unnamed", "bbb_unnamed"]
+    assert environment.module_choices() == ["Automatic", "aaa_unnamed", "bbb_unnamed"]
     (tmp_path / "xl.safetensors").write_bytes(b"x")
     p = txt2img(sd_model=FakeSDModel("sdxl", checkpoint=str(tmp_path / "xl.safetensors")))
     webui.run(p, ON)
@@ -707,8 +712,8 @@ def xyz(webui):
 
 
 def test_xyz_axes_registered_once(webui, xyz):
-    webui.script_module.register_xyz_axes()
-    webui.script_module.register_xyz_axes()
+    webui.script_module.xyz.register_axes()
+    webui.script_module.xyz.register_axes()
     labels = [opt.label for opt in xyz.axis_options]
     assert labels == ["Seed", "[OMS] Enabled", "[OMS] Module", "[OMS] Prompt", "[OMS] CFG", "[OMS] Solver"]
     assert xyz.axis_options[2].choices() == ["Automatic", "oms_tiny_15_21", "oms_tiny_xl"]
@@ -717,7 +722,7 @@ def test_xyz_axes_registered_once(webui, xyz):
 
 
 def test_xyz_cells_override_the_ui(webui, xyz):
-    webui.script_module.register_xyz_axes()
+    webui.script_module.xyz.register_axes()
     axes = {opt.label: opt for opt in xyz.axis_options}
     p = txt2img(seeds=[1])
     axes["[OMS] Enabled"].apply(p, "True", None)
@@ -732,7 +737,7 @@ def test_xyz_cells_override_the_ui(webui, xyz):
 
 
 def xyz_axes(webui, xyz):
-    webui.script_module.register_xyz_axes()
+    webui.script_module.xyz.register_axes()
     return {opt.label: opt for opt in xyz.axis_options}
 
 
@@ -773,7 +778,7 @@ def test_xyz_enabled_by_cfg_cells_each_say_their_own_cfg(webui, xyz):
                                              ("[OMS] Module", "oms_tiny_15_21", "OMS module")])
 def test_a_cell_of_an_oms_axis_turns_oms_on(webui, xyz, axis, value, key):
     """As an "[OMS] Enabled: True" cell does, unless an [OMS] Enabled axis says otherwise."""
-    webui.script_module.register_xyz_axes()
+    webui.script_module.xyz.register_axes()
     axes = {opt.label: opt for opt in xyz.axis_options}
     p = txt2img(seeds=[1])
     axes[axis].apply(p, value, None)
@@ -787,7 +792,7 @@ def test_a_cell_of_an_oms_axis_turns_oms_on(webui, xyz, axis, value, key):
 
 
 def test_bad_xyz_values_get_the_extension_message_before_the_grid(webui, xyz):
-    webui.script_module.register_xyz_axes()
+    webui.script_module.xyz.register_axes()
     axes = {opt.label: opt for opt in xyz.axis_options}
     cfg = axes["[OMS] CFG"]
     assert cfg.type is float and cfg.prepare("1, 1.5-2.5 (+0.5), 2-3 [3]") == ["1", "1.5-2.5 (+0.5)", "2-3 [3]"]
@@ -821,19 +826,19 @@ def test_use_cpu_oms_runs_the_step_on_the_cpu(webui):
     assert webui.script_module.device_and_dtype()[0] == torch.device("cuda")
 
 
-def test_model_loads_keep_modules_and_file_encoders(monkeypatch, oms_dir, capsys):
-    """The SDXL refiner reloads the base and the refiner model every generation (each load runs the model_loaded
-    callbacks): the module and a file-based text encoder do not depend on the checkpoint and are not reloaded."""
-    webui = make_webui(monkeypatch, oms_dir)
-    cache = ModuleCache()
-    monkeypatch.setattr(webui.script_module, "MODULE_CACHE", cache)
-    webui.run(txt2img(), ON)
-    module = cache.get(oms_dir / "oms_tiny_15_21")
-    for callback in webui.modules["script_callbacks"].registered["model_loaded"] * 2:  # refiner, then base again
-        callback(FakeSDModel())
-    webui.run(txt2img(), ON)
-    assert cache.get(oms_dir / "oms_tiny_15_21") is module and cache.loads == 1
-    assert capsys.readouterr().out.count("oms_tiny_15_21 loaded (sd, openclip-h)") == 1  # said in the console
+def test_model_loads_keep_modules_and_file_encoders(webui, oms_dir, tmp_path, capsys):
+    """The SDXL refiner reloads the base and the refiner model every generation, and users switch checkpoints: the
+    module and a file-based text encoder do not depend on the checkpoint and are loaded once."""
+    base, other = tmp_path / "base.safetensors", tmp_path / "other.safetensors"
+    base.write_bytes(b"base")
+    other.write_bytes(b"other")
+    plans = []
+    for checkpoint in (base, other, base):  # a new model object each time, as after a load
+        p = txt2img(sd_model=FakeSDModel("sd1", checkpoint=str(checkpoint)))
+        webui.run(p, ON)
+        plans.append(p._oms_plan.prepared)
+    assert all(plan.module is plans[0].module and plan.encoder is plans[0].encoder for plan in plans)
+    assert capsys.readouterr().out.count("oms_tiny_15_21 (sd, openclip-h) loaded") == 1  # said in the console
     assert webui.loaded_encoders == {"openclip-h": [oms_dir / "text_encoder"]}
 
 
@@ -848,7 +853,9 @@ def test_checkpoint_encoders_are_kept_per_checkpoint_and_bounded(webui, tmp_path
     for checkpoint in (a, b, a, c, a):
         webui.run(txt2img(sd_model=FakeSDModel("sd2", checkpoint=str(checkpoint))), ON)
     assert webui.loaded_encoders == {"openclip-h": [a, b, c]}
-    assert len(webui.script_module.ENCODER_CACHE) == 2
+    webui.run(txt2img(sd_model=FakeSDModel("sd2", checkpoint=str(b))), ON)  # a and c are kept, b was dropped
+    webui.run(txt2img(sd_model=FakeSDModel("sd2", checkpoint=str(a))), ON)  # c was dropped, a is kept
+    assert webui.loaded_encoders == {"openclip-h": [a, b, c, b]}
 
 
 def asgi_post(app, path, body: bytes):
@@ -930,8 +937,9 @@ def test_the_check_is_added_whether_the_app_rebuilds_its_stack_or_refuses(webui,
             self.added.append(cls)
 
     app = App()
-    webui.script_module.on_app_started(None, app)
-    check = webui.script_module.AlwaysonArgsCheck
+    api = webui.script_module.api  # imports fastapi, which the fake WebUI provides
+    api.on_app_started(None, app)
+    check = api.AlwaysonArgsCheck
     if refuses:
         (entry,) = app.user_middleware
         assert isinstance(entry, Middleware) and entry.cls is check and app.middleware_stack is None
@@ -954,7 +962,7 @@ def test_oms_works_on_every_webui_family(monkeypatch, oms_dir, family):
     assert "OMS" in p.extra_generation_params
     manager = webui.memory_manager
     assert (manager is None) == (FAMILIES[family].manager is None)
-    assert webui.script_module.memory_manager() is manager
+    assert memory.memory_manager() is manager
     if manager is not None:
         assert manager.freed == []  # on the CPU there is no room to make
 
@@ -972,14 +980,14 @@ def test_forge_low_vram_states_offload_after_the_step(monkeypatch, oms_dir, fami
     sd_model = FakeSDModel()
     del sd_model.lowvram  # the Forge family's model has no A1111 lowvram flag
     plan = webui.script_module.prepare(txt2img(sd_model=sd_model), webui.script_module.parse_script_args(ON))
-    assert plan.low_vram == low
-    assert webui.script_module.offload_after_use(True, plan.low_vram, "cuda") == low
+    assert plan.placement.low_vram == low
+    assert offload_after_use(True, plan.placement.low_vram, "cuda") == low
 
 
 def gpu_plan(webui, low_vram=False):
     """A plan prepared on the CPU, then pointed at a GPU: make_room only reads where the weights are."""
     plan = webui.script_module.prepare(txt2img(), webui.script_module.parse_script_args(ON))
-    plan.device, plan.low_vram = torch.device("cuda"), low_vram
+    plan.placement = memory.Placement(torch.device("cuda"), low_vram)
     return plan
 
 
@@ -987,9 +995,9 @@ def gpu_plan(webui, low_vram=False):
 def test_forge_manager_is_asked_for_the_weights_and_inference_room(monkeypatch, oms_dir, family):
     webui = make_webui(monkeypatch, oms_dir, family=family)
     plan = gpu_plan(webui)
-    weights = sum(t.numel() * t.element_size() for t in plan.module.unet.parameters())
-    weights += sum(t.numel() * t.element_size() for t in plan.module.unet.buffers())
-    webui.script_module.make_room(plan)
+    weights = sum(t.numel() * t.element_size() for t in plan.prepared.module.unet.parameters())
+    weights += sum(t.numel() * t.element_size() for t in plan.prepared.module.unet.buffers())
+    memory.make_room(plan.prepared, plan.placement)
     assert webui.memory_manager.freed == [(weights + 1024**3, torch.device("cuda", 0))]
     assert "lowvram" not in webui.modules or webui.modules["lowvram"].calls == []
 
@@ -998,7 +1006,7 @@ def test_forge_manager_is_asked_for_the_weights_and_inference_room(monkeypatch, 
 def test_a1111_low_vram_sends_its_model_away_and_has_no_manager(monkeypatch, oms_dir, low_vram, sent):
     webui = make_webui(monkeypatch, oms_dir, family="a1111")
     plan = gpu_plan(webui, low_vram=low_vram)
-    webui.script_module.make_room(plan)
+    memory.make_room(plan.prepared, plan.placement)
     assert webui.modules["lowvram"].calls == sent and webui.memory_manager is None
 
 
@@ -1006,10 +1014,6 @@ def test_dict_and_positional_api_forms_agree(webui):
     a = webui.run(txt2img(seeds=[6]), [True, "Automatic", "dark", "", 1.5, "DDIM"])[0]
     b = webui.run(txt2img(seeds=[6]), [{"enabled": True, "prompt": "dark", "cfg": 1.5, "solver": "ddim"}])[0]
     assert torch.equal(a, b)
-
-
-def test_errors_are_oms_errors():
-    assert issubclass(ArgumentError, OMSError)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,8 +22,6 @@ def gpu_webui(monkeypatch, models, **opts):
     devices.get_device_for = lambda task: CUDA
     devices.dtype_unet = torch.float16
     webui.modules["shared"].device = CUDA  # ImageRNG moves its draws there (the fake draws them on the CPU)
-    monkeypatch.setattr(ts, "SHARED_MODULES", ts.ModuleCache())
-    monkeypatch.setattr(webui.script_module, "MODULE_CACHE", ts.SHARED_MODULES)
     return webui
 
 
@@ -42,7 +40,7 @@ def test_fp16_on_gpu_matches_fp32_cpu(monkeypatch, models):
     p = ts.txt2img(sampler(), seeds=[5, 6])
     out = run(webui, p, ts.ON)
     assert out.device.type == "cuda" and out.dtype == torch.float32 and webui.errors == []
-    module = webui.script_module.MODULE_CACHE.get(models / "oms_tiny_15_21", CUDA, torch.float16)
+    module = p._oms_plan.prepared.module
     assert module.dtype == torch.float16 and module.device.type == "cuda"  # kept in VRAM by default
     err = (out.cpu() - cpu).abs().max().item()
     print("max |gpu fp16 - cpu fp32| =", err)
@@ -65,10 +63,10 @@ def test_offload(monkeypatch, models, low_vram, keep):
     webui = gpu_webui(monkeypatch, models, oms_keep_in_vram=keep)
     model = webui_fakes.FakeSDModel()
     model.lowvram = low_vram
-    run(webui, ts.txt2img(sampler(), sd_model=model), ts.ON)
-    (key, (_, module)), = webui.script_module.MODULE_CACHE._entries.items()
+    p = ts.txt2img(sampler(), sd_model=model)
+    run(webui, p, ts.ON)
+    module, encoder = p._oms_plan.prepared.module, p._oms_plan.prepared.encoder
     assert module.device.type == "cpu" and module.dtype == torch.float16
-    (encoder,) = webui.script_module.ENCODER_CACHE.values()
     assert not module.cuda_graphs and not encoder.encoder.cuda_graphs  # moved every step: no graphs to recapture
     assert webui.modules["devices"].gc_calls and webui.modules["lowvram"].calls == ([1] if low_vram else [])
     print("after offload, cuda memory allocated:", torch.cuda.memory_allocated())
@@ -79,8 +77,9 @@ def test_fp32_setting_computes_in_fp32_under_the_webuis_autocast(monkeypatch, mo
     cfg2 = [True, "Automatic", "", "blurry", 2.0, "SDE"]
     cpu = ts.make_webui(monkeypatch, models).run(ts.txt2img(seeds=[5, 6]), cfg2)[0]
     webui = gpu_webui(monkeypatch, models, oms_precision="fp32", oms_keep_in_vram=keep)
-    under_autocast = run(webui, ts.txt2img(sampler(), seeds=[5, 6]), cfg2)
-    (_, (_, module)), = webui.script_module.MODULE_CACHE._entries.items()
+    p = ts.txt2img(sampler(), seeds=[5, 6])
+    under_autocast = run(webui, p, cfg2)
+    module = p._oms_plan.prepared.module
     assert module.dtype == torch.float32 and module.cuda_graphs == keep
     plain = webui.run(ts.txt2img(sampler(), seeds=[5, 6]), cfg2)[0]
     assert torch.equal(under_autocast, plain)  # the autocast did not reach the module or the encoder

@@ -19,7 +19,7 @@ from lib_oms.step import (
     to_sampler_noise,
 )
 
-SD_SIGMA_MAX = 14.614641  # σ at t = 999 of SD's scaled-linear schedule (webui.md §2.3)
+SD_SIGMA_MAX = 14.614641  # σ at t = 999 of SD's scaled-linear schedule
 SD_ALPHA_BAR_999 = 0.0046601
 
 
@@ -68,7 +68,7 @@ def test_ddim_step_keeps_the_seed_noise():
 
 
 def official_oms_step(latents, v, alpha_bar_prev, z):
-    """The released pipeline's oms_step (method-and-weights.md §1): a DDPM posterior step with ᾱ_t forced to 0
+    """The released pipeline's oms_step: a DDPM posterior step with ᾱ_t forced to 0
     and v-prediction, whose noise is scaled by the variance instead of the standard deviation."""
     alpha_prod_t, beta_prod_t = 0.0, 1.0
     beta_prod_t_prev = 1 - alpha_bar_prev

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from lib_oms.errors import ModuleFileError
-from lib_oms.unet import OMSUNet, infer_unet_config, normalize_unet_config, parameter_count, parameter_shapes
+from lib_oms.unet import OMSUNet, infer_unet_config, normalize_unet_config, parameter_shapes
 from tests.factories import (
     diffusers_no_time_unet,
     oms_b_config,
     oms_l_config,
     oms_s_config,
+    parameter_count,
     random_state_dict,
     reference_unet,
     tiny_inputs,

@@ -27,7 +27,8 @@ def test_seams_files_are_what_the_seam_tests_expect(tmp_path):
     assert (oms / seams_files.TEXT_ENCODER_FILE).read_bytes() == encoder.read_bytes()
     assert [entry.name for entry in find_modules([oms])] == [seams_files.WIDTH_MISMATCH_MODULE]
     module_path = oms / seams_files.WIDTH_MISMATCH_MODULE
-    assert describe_module(module_path) == ("sd", "openclip-h")  # what the files say ...
+    described = describe_module(module_path)
+    assert (described.latent_space, described.text_encoder) == ("sd", "openclip-h")  # what the files say ...
     assert load_module(module_path).text_width == tiny_unet_config()["cross_attention_dim"] == 32  # ... and read
     refiner = webui / "models" / "Stable-diffusion" / f"{seams_files.REFINER}.safetensors"
     assert refiner.read_bytes() == b"checkpoint"
@@ -99,7 +100,8 @@ def test_sdxl_end_to_end_modules_are_sdxl_modules(tmp_path, monkeypatch):
                                                      "oms_tiny_mixclip_xl": ("sdxl-mixclip", 2048)})
     sdxl_end_to_end.write_modules(tmp_path, lambda width: tiny_unet_config(cross_attention_dim=width))
     assert [entry.name for entry in find_modules([tmp_path])] == ["oms_tiny_mixclip_xl", "oms_tiny_openclip_xl"]
-    assert describe_module(tmp_path / "oms_tiny_mixclip_xl") == ("sdxl", "sdxl-mixclip")
+    described = describe_module(tmp_path / "oms_tiny_mixclip_xl")
+    assert (described.latent_space, described.text_encoder) == ("sdxl", "sdxl-mixclip")
     assert load_module(tmp_path / "oms_tiny_openclip_xl").text_width == 1024
 
 

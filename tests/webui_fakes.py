@@ -3,8 +3,8 @@
 Enough of A1111 1.6–1.10 for ``scripts/one_more_step.py`` to be imported and driven as the WebUI drives it:
 ``run(...)`` follows ``process_images_inner`` (seeds → process → per batch: new ImageRNG, process_batch, first draw,
 hook, sampler scaling, infotext) and swallows script errors the way ``ScriptRunner`` does; ``xyz_grid(...)`` makes
-cells as ``scripts/xyz_grid.py`` does. Samplers scale the start noise exactly as webui.md §2.1/§2.2/§2.8 describe, so
-tests can check the latent a sampler really starts from. ``modules.rng`` behaves as the real one on the CPU: seeds,
+cells as ``scripts/xyz_grid.py`` does. Samplers scale the start noise exactly as the WebUI's own do, so tests can
+check the latent a sampler really starts from. ``modules.rng`` behaves as the real one on the CPU: seeds,
 variation seeds (slerp), seed resize, and the global reseeding its ``randn`` does.
 
 Each behaviour copied from a WebUI says in a "Checked against" line which WebUI versions it was read from and which
@@ -237,7 +237,7 @@ class OptionInfo:
 
 
 class KDiffusionSampler:
-    """Starts from σ₀·noise, or √(1+σ₀²)·noise with the SGM noise multiplier (webui.md §2.1); img2img from
+    """Starts from σ₀·noise, or √(1+σ₀²)·noise with the SGM noise multiplier; img2img from
     init + σ·noise at ``sigmas[steps - t_enc - 1]``.
 
     Checked against A1111 1.10.1 (modules/sd_samplers_kdiffusion.py) and Forge Classic 1f95d71; covered by
@@ -261,7 +261,7 @@ class KDiffusionSampler:
 
 
 class CompVisSampler:
-    """DDIM/PLMS/UniPC: the noise is the VP latent itself (webui.md §2.2); img2img noises at timesteps[t_enc].
+    """DDIM/PLMS/UniPC: the noise is the VP latent itself; img2img noises at timesteps[t_enc].
 
     ᾱ lives on ``model_wrap.inner_model`` (A1111 1.9+, Forge, reForge); A1111 1.6-1.8's sampler has no
     ``model_wrap`` (``with_model_wrap=False``) and reads the loaded model's ᾱ.
@@ -706,6 +706,9 @@ def install(monkeypatch, models_path: Path, *, with_hook: bool = True, opts: dic
     monkeypatch.setitem(sys.modules, "modules", package)
     for name, module in subs.items():
         monkeypatch.setitem(sys.modules, f"modules.{name}", module)
+    from oms_webui import memory
+
+    memory.memory_manager.cache_clear()  # a WebUI started anew: its manager is looked up again
     path = ROOT / "scripts" / "one_more_step.py"
     spec = importlib.util.spec_from_file_location("one_more_step.py", path)
     module = importlib.util.module_from_spec(spec)

@@ -1,6 +1,6 @@
 """The demo's measurements: the flaw and the fix on the same captions and seeds, prompt control, the OMS CFG sweep.
 
-Targets (issue #4), on the −1..1 brightness scale:
+Targets, on the −1..1 brightness scale:
 * without OMS, generation keeps at most half of the data's brightness spread;
 * with OMS, W1 to the data falls at least 3× and at least 0.8 of the spread is kept;
 * with OMS, "dark" and "bright" prompts land within 0.15 of the data's mean for those captions;
@@ -57,7 +57,7 @@ def _mean_rgb(images: torch.Tensor | np.ndarray) -> list[float]:
 
 
 def check_targets(metrics: dict) -> dict[str, dict]:
-    """Each target of issue #4 with its measured value and whether it is met."""
+    """Each target of the demo with its measured value and whether it is met."""
     without, with_ = metrics["without_oms"], metrics["with_oms"]
     worst_prompt = max(metrics["prompt_control"][p]["with_oms_error"] for p in BRIGHTNESS_PROMPTS)
     sweep = metrics["oms_cfg_sweep"]

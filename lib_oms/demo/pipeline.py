@@ -2,7 +2,7 @@
 
 Per image: unit noise from the image's seed (as the WebUI draws it), then, with OMS, lib_oms.engine.oms_start
 with SamplerStart.k_diffusion(σ₀) replaces that noise by the OMS-corrected one, and the Euler sampler starts from
-x = σ₀·noise. The fresh noise z of the OMS SDE step comes from lib_oms.engine.seeded_unit_noise(seed).
+x = σ₀·noise. The fresh noise z of the OMS SDE step comes from lib_oms.engine.seeded_z(seed).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine import oms_start, seeded_unit_noise
+from ..engine import oms_start, seeded_unit_noise, seeded_z
 from ..step import SamplerStart
 from .denoiser import load_denoiser
 from .sampler import DiscreteEpsDenoiser, sample_euler
@@ -47,7 +47,7 @@ def load_models(models_dir: str | Path = MODELS_DIR, with_oms: bool = True) -> D
 
 def seed_noise(seeds: Sequence[int]) -> torch.Tensor:
     """The unit noise the sampler starts from, one tensor per seed (CPU generator seeded with the seed)."""
-    return seeded_unit_noise(seeds, LATENT_SHAPE, offset=0)
+    return seeded_unit_noise(seeds, LATENT_SHAPE)
 
 
 @torch.no_grad()
@@ -64,8 +64,8 @@ def generate(models: DemoModels, prompts: Sequence[str], seeds: Sequence[int], *
         noise = seed_noise(batch_seeds)
         if oms:
             oms_batch = list(oms_prompts[begin:begin + chunk]) if oms_prompts is not None else batch_prompts
-            noise = oms_start(models.oms, models.encoder, noise, oms_batch, start=start, cfg=oms_cfg, solver="sde",
-                              z=seeded_unit_noise(batch_seeds, LATENT_SHAPE))
+            noise = oms_start(models.oms, models.encoder, noise, oms_batch, start=start, cfg=oms_cfg, solver="SDE",
+                              z=seeded_z(batch_seeds, LATENT_SHAPE))
         cond = models.encoder.encode(batch_prompts)
         uncond = models.encoder.encode([""] * len(batch_prompts)) if cfg != 1.0 else None
         latents = sample_euler(models.denoiser, noise, sigmas, cond, uncond, cfg)

@@ -7,7 +7,7 @@ brightness out, as real captions often do, so the caption fixes the brightness o
 
 The image size is chosen for the flaw: with N = 3·32·32 values the leaked brightness √ᾱ₉₉₉·b at t = 999 is about
 2·(1/√N), the spread of a pure-noise image's mean, so a trained denoiser reads brightness from the leak
-(peers-and-users.md §3.4: kept spread ≈ 1/√(1 + (√ᾱ·σ_b·√N)²)).
+(the spread kept is about 1/√(1 + (√ᾱ·σ_b·√N)²)).
 
 Diffusion runs in a latent space, as in SD: the "VAE" is the orthonormal 2-D DCT of each 4×4 pixel cell
 (3×32×32 pixels <-> 48×8×8 latents, channel 3·k + colour for DCT coefficient k, scaling factor 1). It is lossless

@@ -195,7 +195,7 @@ def test_batch_of_two_equals_two_single_images(generate, oms_on, baseline):
 
 
 def test_negative_prompt_is_unused_at_oms_cfg_1(generate, oms_on):
-    """At OMS CFG 1 the unconditional pass is not computed (decision 4): the image is the one without it."""
+    """At OMS CFG 1 the unconditional pass is not computed: the image is the one without it."""
     with_negative = generate(api.payload({"enabled": True, "negative_prompt": "dark"}))
     assert api.same_pixels(with_negative.images[0], oms_on.images[0])
     assert with_negative.params()["OMS negative prompt"] == "dark"

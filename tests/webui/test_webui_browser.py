@@ -5,17 +5,20 @@ playwright package and a Chromium; skipped, saying which is missing, without the
 
 In txt2img: ticking the accordion's checkbox and typing an OMS prompt makes an image whose infotext says OMS did it;
 unticked, the infotext has no OMS; pasting an infotext into the prompt and pressing the paste button sets every OMS
-control (and an infotext without OMS unticks it); the controls carry the hints of javascript/oms_hints.js.
+control (and an infotext without OMS unticks it); the controls carry the hints the extension declares, which
+javascript/oms_hints.js puts on them.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import browser
 import pytest
 import webui_api as api
+
+from lib_oms.options import SOLVERS
+from oms_webui.args import ARGS
 
 expect = browser.expect
 REPO = Path(__file__).resolve().parents[2]
@@ -124,15 +127,16 @@ def test_browser_pasted_infotext_sets_every_oms_control(page):
 
 
 def hints() -> dict[str, str]:
-    """Label → hint, as javascript/oms_hints.js gives them."""
-    return dict(re.findall(r'^\s*"([^"]+)": "((?:[^"\\]|\\.)*)",?$', HINTS.read_text(encoding="utf-8"), re.M))
+    """Label → hint and solver choice → hint, as the extension declares them (oms_webui.args, lib_oms.options) for
+    javascript/oms_hints.js to put on the page."""
+    return {**{arg.label: arg.help for arg in ARGS}, **{solver.name: solver.help for solver in SOLVERS}}
 
 
 def test_browser_controls_carry_their_hints(page):
     """Every OMS label, and the solver's choices, carry the hint of javascript/oms_hints.js (the WebUI's tooltip
     pass puts them on after a change of the UI: opening the accordion is one)."""
     open_accordion(page)
-    wanted = {label: hint.replace('\\"', '"') for label, hint in hints().items()}
+    wanted = hints()
     assert {"One More Step", "OMS CFG", "SDE", "DDIM"} <= set(wanted)
     script = """([labels]) => { const titled = {};
         for (const e of document.querySelectorAll('#tab_txt2img span, #tab_txt2img input')) {

@@ -1,4 +1,4 @@
-"""Where OMS applies besides plain txt2img (decision 3): the hires-fix first pass only, inpainting from latent noise at
+"""Where OMS applies besides plain txt2img: the hires-fix first pass only, inpainting from latent noise at
 denoising strength 1 only; every other case is skipped with a reason in the infotext and leaves the image untouched."""
 
 from __future__ import annotations

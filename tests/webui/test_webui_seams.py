@@ -1,4 +1,4 @@
-"""Seams between the extension and a real WebUI (issue 8), through its HTTP API.
+"""Seams between the extension and a real WebUI, through its HTTP API.
 
 Needs, besides what conftest.py says:
 - the files ``python tests/webui/seams_files.py --webui <webui> --checkpoint <checkpoint>`` writes before the server
