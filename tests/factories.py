@@ -7,6 +7,7 @@ functions at the end of this file.
 
 from __future__ import annotations
 
+import gzip
 import inspect
 import json
 import math
@@ -284,3 +285,29 @@ def openclip_to_transformers(state_dict: dict, prefix: str = "") -> dict[str, to
 def parameter_count(config: dict) -> int:
     """Number of parameters of the network for ``config``."""
     return sum(math.prod(shape) for shape in parameter_shapes(config).values())
+
+
+def bpe_files() -> tuple[dict[str, int], list[str]]:
+    """CLIP's vocabulary and merges as transformers' CLIPTokenizer reads them, from open_clip's BPE file."""
+    import open_clip.tokenizer as oc_tokenizer
+
+    merges_text = gzip.open(oc_tokenizer.default_bpe()).read().decode("utf-8").split("\n")
+    merges = merges_text[1:49152 - 256 - 2 + 1]
+    byte_chars = list(oc_tokenizer.bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(vocab)}, merges
+
+
+def write_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> Path:
+    """A CLIP tokenizer folder (vocab.json, merges.txt, special tokens) as SD's pipelines ship one, made offline."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = bpe_files()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": pad_token}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer_config.json").write_text(json.dumps({**special, "model_max_length": 77,
+                                                              "do_lower_case": True}))
+    return folder

@@ -12,7 +12,7 @@ from pathlib import Path
 import comfyui_stubs as stubs
 import pytest
 import torch
-from comfyui_assets import MODULE, SDXL_MODULE, tiny_encoder_loader, write_oms_folder
+from tiny_oms_files import MODULE, SDXL_MODULE, tiny_encoder_loader, write_oms_folder
 
 from lib_oms import text_encoders
 from lib_oms.engine import Z_SEED_OFFSET

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from comfyui_assets import MODULE, SDXL_MODULE, tiny_encoder_loader, write_oms_folder
+from tiny_oms_files import MODULE, SDXL_MODULE, tiny_encoder_loader, write_oms_folder
 
 from lib_oms import module_files, text_encoders
 from lib_oms.catalog import OPENCLIP_H

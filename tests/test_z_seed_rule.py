@@ -8,7 +8,7 @@ import importlib
 import comfyui_stubs as stubs
 import pytest
 import torch
-from comfyui_assets import tiny_encoder_loader, write_oms_folder
+from tiny_oms_files import tiny_encoder_loader, write_oms_folder
 
 from lib_oms import text_encoders
 from lib_oms.engine import z_seed

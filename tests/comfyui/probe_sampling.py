@@ -40,7 +40,7 @@ import comfy.supported_models  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402
 import torch  # noqa: E402
 from comfy_extras import nodes_custom_sampler, nodes_model_advanced  # noqa: E402
-from comfyui_assets import MODULE, SDXL_MODULE, tiny_encoder_loader, write_oms_folder  # noqa: E402
+from tiny_oms_files import MODULE, SDXL_MODULE, tiny_encoder_loader, write_oms_folder  # noqa: E402
 
 from lib_oms import text_encoders  # noqa: E402
 from lib_oms.engine import Z_SEED_OFFSET  # noqa: E402

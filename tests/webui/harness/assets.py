@@ -16,8 +16,6 @@ For the first-use phase, ``first_use_repos`` gives what the fake Hugging Face hu
 
 from __future__ import annotations
 
-import gzip
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +25,7 @@ from host import REPO, log
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+from factories import write_clip_tokenizer  # noqa: E402
 
 CLIP_L_REPO = "openai/clip-vit-large-patch14"
 CLIP_L_REVISION = "0" * 40  # any commit name: the cache is only read offline
@@ -42,18 +41,6 @@ MODULES = {
 }
 
 
-def bpe_files() -> tuple[dict[str, int], list[str]]:
-    """CLIP's vocabulary and merges as transformers' CLIPTokenizer reads them, from open_clip's BPE file."""
-    import open_clip.tokenizer as oc_tokenizer
-
-    merges_text = gzip.open(oc_tokenizer.default_bpe()).read().decode("utf-8").split("\n")
-    merges = merges_text[1:49152 - 256 - 2 + 1]
-    byte_chars = list(oc_tokenizer.bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return {token: i for i, token in enumerate(vocab)}, merges
-
-
 def make_clip_l_cache(hf_home: Path) -> Path:
     from transformers import CLIPConfig, CLIPTokenizer
 
@@ -61,15 +48,7 @@ def make_clip_l_cache(hf_home: Path) -> Path:
     snapshot = repo / "snapshots" / CLIP_L_REVISION
     if (snapshot / "merges.txt").is_file():
         return hf_home
-    snapshot.mkdir(parents=True, exist_ok=True)
-    vocab, merges = bpe_files()
-    (snapshot / "vocab.json").write_text(json.dumps(vocab))
-    (snapshot / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": "<|endoftext|>"}
-    (snapshot / "special_tokens_map.json").write_text(json.dumps(special))
-    (snapshot / "tokenizer_config.json").write_text(json.dumps({**special, "model_max_length": 77,
-                                                                 "do_lower_case": True}))
+    write_clip_tokenizer(snapshot)
     text = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
             "projection_dim": 768, "hidden_act": "quick_gelu", "max_position_embeddings": 77}
     vision = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,

@@ -1,5 +1,5 @@
-"""Tiny random OMS files in the released layouts for the ComfyUI tests (the CI ones and the probes run in a real
-ComfyUI's Python): made with the suite's factories, small enough for a CPU."""
+"""Tiny random OMS files in the released layouts for the tests of every host (the CI ones, and the ComfyUI probes
+run in a real ComfyUI's Python): made with the suite's factories, small enough for a CPU."""
 
 from __future__ import annotations
 
