@@ -11,8 +11,8 @@ import contextlib
 import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,7 +63,8 @@ class Choice:
     """What the user chose, and where the weights go."""
 
     module: str = AUTOMATIC  # a module's name, or Automatic: the module made for the model's latent space
-    automatic_default: str = ""  # the module Automatic takes for this latent space when present (a host's setting)
+    automatic_defaults: Mapping[str, str] = field(default_factory=dict)  # latent space -> the module Automatic takes
+    # there when present (a host's setting)
     layer: str = LAYERS[0]
     device: torch.device = torch.device("cpu")  # where the weights are loaded
     dtype: torch.dtype = torch.float32
@@ -134,7 +135,7 @@ class OMSRuntime:
         words, dirs = host.words, list(host.module_dirs)
         entry = _found_or_downloaded(
             lambda: choose_module(choice.module, module_files.find_modules([d for d in dirs if d.is_dir()]),
-                                  latent_space, choice.automatic_default,
+                                  latent_space, choice.automatic_defaults.get(latent_space, ""),
                                   lambda e: module_files.describe_module(e.path).latent_space, dirs, words),
             functools.partial(download.obtain_module, latent_space, dirs[0]), host)
         described = module_files.describe_module(entry.path)

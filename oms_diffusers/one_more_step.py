@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from lib_oms.catalog import LATENT_SPACES
 from lib_oms.options import AUTOMATIC, CFG, LAYERS, PRECISIONS, SOLVER_NAMES, check_cfg, solver_named
-from lib_oms.runtime import Choice, Host, HostWords, OMSRuntime, corrected_start
+from lib_oms.runtime import Choice, Host, HostWords, OMSRuntime, Prepared, corrected_start
 from lib_oms.sources import module_dtype
 from lib_oms.step import SamplerStart
 from oms_diffusers.reading import (
@@ -54,18 +55,23 @@ class Start:
     module: str | None = None
 
 
-def corrected_latents(runtime: OMSRuntime, host: Host, choice: Choice, pipe, unit: torch.Tensor,
-                      start: SchedulerStart | str, *, prompts: Sequence[str], negative_prompt: str = "",
-                      cfg: float = CFG.default, solver: str = SOLVER_NAMES[0], draw_z=None,
-                      mask: torch.Tensor | None = None, placed=contextlib.nullcontext) -> Start:
-    """The latents that start ``pipe`` at the OMS latent, from ``unit`` (the noise it would draw) and its scheduler's
-    ``start`` (or the host's reason why it does not start from pure noise). ``mask`` (latent size, 1 = inpaint) keeps
-    the noise outside the masked area as drawn. Every host on diffusers calls this."""
+def prepared_for(runtime: OMSRuntime, host: Host, choice: Choice, pipe) -> Prepared | str:
+    """The module and text encoder for ``pipe`` (its own text encoders where the module reads them), or why OMS
+    cannot serve the pipeline's latent space."""
     space = latent_space(pipe)
-    reason = space if space not in ("sd", "sdxl") else start if isinstance(start, str) else None
-    if reason:
-        return Start(unit, skipped=reason)
-    prepared = runtime.prepare(choice, space, host, model_text(pipe))
+    if space not in LATENT_SPACES:
+        return space
+    return runtime.prepare(choice, space, host, model_text(pipe))
+
+
+def corrected_latents(prepared: Prepared, unit: torch.Tensor, start: SchedulerStart | str, *, prompts: Sequence[str],
+                      negative_prompt: str = "", cfg: float = CFG.default, solver: str = SOLVER_NAMES[0], draw_z=None,
+                      mask: torch.Tensor | None = None, placed=contextlib.nullcontext) -> Start:
+    """The latents that start a pipeline at the OMS latent, from ``unit`` (the noise it would draw) and its
+    scheduler's ``start`` (or the host's reason why it does not start from pure noise). ``mask`` (latent size,
+    1 = inpaint) keeps the noise outside the masked area as drawn. Every host on diffusers calls this."""
+    if isinstance(start, str):
+        return Start(unit, skipped=start)
     outcome = corrected_start(prepared, unit.float(), SamplerStart.timestep(start.alpha_bar0), prompts=prompts,
                               negative_prompt=negative_prompt, cfg=cfg, solver=solver, draw_z=draw_z, placed=placed)
     if outcome.noise is None:
@@ -141,10 +147,14 @@ class OneMoreStep:
         choice = Choice(self.module, layer=self.layer, device=device,
                         dtype=module_dtype(self.precision, device.type, pipe.unet.dtype == torch.float32),
                         cuda_graphs=device.type == "cuda")
-        result = corrected_latents(
-            self.runtime, self.host, choice, pipe, unit, start, prompts=prompts, negative_prompt=negative_prompt,
-            cfg=cfg, solver=solver, draw_z=lambda: randn_tensor(shape, generator=z_generators(generator),
-                                                                device=device, dtype=torch.float32), mask=mask)
+        prepared = prepared_for(self.runtime, self.host, choice, pipe)
+        if isinstance(prepared, str):
+            result = Start(unit, skipped=prepared)
+        else:
+            result = corrected_latents(
+                prepared, unit, start, prompts=prompts, negative_prompt=negative_prompt, cfg=cfg, solver=solver,
+                draw_z=lambda: randn_tensor(shape, generator=z_generators(generator), device=device,
+                                            dtype=torch.float32), mask=mask)
         if result.skipped:
             log.warning("One More Step skipped: %s", result.skipped)
         for note in result.notes:

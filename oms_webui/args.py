@@ -207,11 +207,28 @@ def paste_value(arg: Arg, params: Mapping[str, str]) -> object:
         return None
 
 
-def alwayson_args_problem(body: bytes, title: str) -> str | None:
-    """What is wrong with this script's entry in an API request's ``alwayson_scripts``, or None.
+def requested(args, overrides: Mapping[str, object] | None = None) -> bool:
+    """Whether OMS is asked for (by the script's arguments, or an X/Y/Z cell's ``overrides``), before validating
+    anything else: a disabled script stays untouched whatever its other arguments say."""
+    overrides = overrides or {}
+    if "enabled" in overrides:
+        raw = overrides["enabled"]
+    elif args and isinstance(args[0], Mapping):
+        raw = args[0].get("enabled", False)
+    else:
+        raw = args[0] if args else False
+    try:
+        return bool(convert(ARG_BY_NAME["enabled"], raw))
+    except ArgumentError:
+        return True  # unreadable: let the validation name the field
 
-    The WebUI's API copies ``args`` by position into the script arguments, so an object there answers
-    ``KeyError: 0``; ``body`` is the raw request (anything unreadable is left for the API to answer).
+
+def alwayson_request(body: bytes, title: str) -> OMSArgs | str | None:
+    """This script's arguments in an API request's ``alwayson_scripts``, checked as the script will check them: the
+    arguments when they ask for OMS, a sentence saying what is wrong with them, or None (not asked for, or not a
+    request the API can read: it answers those itself).
+
+    The WebUI's API copies ``args`` by position into the script arguments, so an object there answers ``KeyError: 0``.
     """
     try:
         request = json.loads(body)
@@ -221,11 +238,19 @@ def alwayson_args_problem(body: bytes, title: str) -> str | None:
     if not isinstance(scripts, dict):
         return None
     for name, entry in scripts.items():
-        if name.lower() == title.lower() and isinstance(entry, dict) and "args" in entry \
-                and not isinstance(entry["args"], list):
-            return (f'{title}: "args" must be a list, got {type(entry["args"]).__name__} '
-                    f'{json.dumps(entry["args"])[:100]}: write "args": [true, "Automatic", "", "", 1.5, "SDE"] '
+        if name.lower() != title.lower() or not isinstance(entry, dict) or "args" not in entry:
+            continue
+        args = entry["args"]
+        if not isinstance(args, list):
+            return (f'{title}: "args" must be a list, got {type(args).__name__} '
+                    f'{json.dumps(args)[:100]}: write "args": [true, "Automatic", "", "", 1.5, "SDE"] '
                     '(positional) or "args": [{"enabled": true, "cfg": 1.5}] (a dict as the first item)')
+        if not requested(args):
+            return None
+        try:
+            return parse_script_args(args)
+        except ArgumentError as error:
+            return str(error)
     return None
 
 

@@ -4,6 +4,8 @@ A1111-family WebUI and SD.Next) when a function runs."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 from lib_oms import module_files
@@ -80,3 +82,40 @@ def host() -> Host:
     return Host(WORDS, tuple(module_dirs()), text_encoder_path=setting("oms_text_encoder_path"),
                 checkpoints=checkpoint_files, download_refused=download_refused(), progress=show_progress,
                 should_stop=interrupted)
+
+
+# How a WebUI lets a script change where sampling starts, judged by what it has (not by its name):
+RNG_HOOK = "p.rng"  # the A1111 family: its ImageRNG (modules.rng) draws the start noise through p.rng
+INIT_LATENT_HOOK = "p.init_latent"  # SD.Next: p.init_latent becomes the diffusers pipeline's latents=
+
+
+def has_module(name: str) -> bool:
+    """Whether the WebUI has the module ``name`` (imported already, or importable), without importing it."""
+    if name in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def start_hook() -> str | None:
+    """The hook this WebUI offers (RNG_HOOK or INIT_LATENT_HOOK), or None where it offers neither."""
+    if has_module("modules.rng"):
+        return RNG_HOOK
+    if has_module("modules.processing_args"):
+        return INIT_LATENT_HOOK
+    return None
+
+
+def cannot_run(hook: str | None) -> str | None:
+    """Why One More Step cannot change the start in this WebUI as it runs now, or None when it can."""
+    if hook is None:
+        return (f"{TITLE} cannot run in this WebUI: it offers neither the A1111 family's p.rng nor SD.Next's "
+                "p.init_latent, through which a script sets where sampling starts")
+    from modules import shared
+
+    if shared.opts.data.get("forge_model_mode") == "api":
+        return (f"{TITLE} cannot run while Forge Neo is in API mode (Settings: forge_model_mode), which runs no "
+                "script; switch it back to local mode to use it")
+    return None

@@ -50,6 +50,11 @@ def setting(key: str):
     return shared.opts.data.get(key, SETTING_BY_KEY[key].default)
 
 
+def automatic_modules() -> dict[str, str]:
+    """Latent space -> the module set for it when the module is Automatic (Automatic: the first found)."""
+    return {space: setting(module_setting_key(space)) for space in LATENT_SPACES}
+
+
 def webui_option(key: str, default):
     """The value of one of the WebUI's own settings, with the default it has where the WebUI lacks it."""
     from modules import shared

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 
 from lib_oms.errors import ModuleFileError, OMSError
 from lib_oms.options import AUTOMATIC
@@ -53,11 +54,16 @@ def prepare_number_values(text: str, *, xyz, arg) -> list[str]:
 
 
 def find_xyz_module():
+    """The module holding the X/Y/Z plot's axis list and its AxisOption: the A1111 family's xyz_grid script, or
+    SD.Next's scripts.xyz.xyz_grid_classes (its plot reads the axes from there); None without a plot."""
     from modules import scripts
 
-    for data in scripts.scripts_data:
+    for data in getattr(scripts, "scripts_data", []):
         if data.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid"):
             return data.module
+    for name, module in list(sys.modules.items()):
+        if name.endswith("xyz_grid_classes") and hasattr(module, "axis_options") and hasattr(module, "AxisOption"):
+            return module
     return None
 
 

@@ -13,7 +13,6 @@ the WebUI loads this file (only then is the extension's folder on ``sys.path``).
 
 import contextlib
 import functools
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
@@ -24,29 +23,41 @@ from lib_oms import module_files
 from lib_oms.catalog import OPENCLIP_H, SDXL_MIXCLIP
 from lib_oms.engine import z_seed
 from lib_oms.errors import OMSError
-from lib_oms.runtime import Choice, Inpainting, ModelText, OMSRuntime, Prepared, corrected_start
+from lib_oms.runtime import Choice, Inpainting, ModelText, OMSRuntime, corrected_start
 from lib_oms.sources import module_dtype
-from oms_webui import api, xyz
+from oms_webui import api, sdnext, xyz
 from oms_webui.args import (
     ARG_BY_NAME,
     ARGS,
-    INFOTEXT_FIRST_PASS_ONLY,
-    INFOTEXT_MODULE_REQUESTED,
-    INFOTEXT_SKIPPED,
     TITLE,
-    ArgumentError,
     OMSArgs,
-    convert,
     from_dict,
     hints_markup,
     infotext_keys,
-    infotext_params,
-    module_hash,
     module_name,
     parse_script_args,
     paste_value,
+    requested,
 )
-from oms_webui.environment import host, interrupted, log, module_choices
+from oms_webui.environment import (
+    INIT_LATENT_HOOK,
+    RNG_HOOK,
+    cannot_run,
+    host,
+    interrupted,
+    log,
+    module_choices,
+    start_hook,
+)
+from oms_webui.generation import (
+    Plan,
+    clean_prompt,
+    oms_prompts,
+    record_applied,
+    say_once,
+    say_skipped,
+    without_frames,
+)
 from oms_webui.logic import (
     K_DIFFUSION,
     LATENT_SPACE_OF_FAMILY,
@@ -61,7 +72,7 @@ from oms_webui.logic import (
     uses_refiner,
 )
 from oms_webui.memory import Placement, on_device
-from oms_webui.settings import module_setting_key, on_ui_settings, setting, webui_option
+from oms_webui.settings import automatic_modules, on_ui_settings, setting, webui_option
 
 # Kept across model loads: modules and file-based text encoders do not depend on the checkpoint (the SDXL refiner
 # reloads two models every generation), and an encoder read from a checkpoint is kept under it.
@@ -119,32 +130,6 @@ def timestep_alphas(p):
         if getattr(owner, "alphas_cumprod", None) is not None:
             return owner.alphas_cumprod.float().cpu()
     raise OMSError("cannot find alphas_cumprod for this sampler")
-
-
-def clean_prompt(prompt: str, steps: int) -> str:
-    """The prompt as the sampler reads it at its first step, in plain words for the OMS text encoder, read with the
-    WebUI's own parsers: extra-network tags (<lora:…>) removed, AND-separated sub-prompts joined with commas (their
-    weights dropped), prompt editing and alternation at the first step, emphasis syntax and BREAK removed."""
-    from modules import extra_networks, prompt_parser
-
-    text, _networks = extra_networks.parse_prompt(prompt)
-    _indexes, subprompts, _positions = prompt_parser.get_multicond_prompt_list([text])
-    cleaned = []
-    for subprompt in subprompts:
-        first_step = prompt_parser.get_learned_conditioning_prompt_schedules([subprompt], max(int(steps), 1))[0][0][1]
-        chunks = prompt_parser.parse_prompt_attention(first_step)  # BREAK comes as ["BREAK", -1]
-        text = "".join(" " if (chunk, weight) == ("BREAK", -1) else chunk for chunk, weight in chunks)
-        words = " ".join(text.split())
-        if words:
-            cleaned.append(words)
-    return ", ".join(cleaned)
-
-
-def oms_prompts(oms_prompt: str, image_prompts: list[str], steps: int) -> list[str]:
-    """One OMS prompt per image: the OMS prompt when given, else each image's own prompt, all cleaned."""
-    if oms_prompt.strip():
-        return [clean_prompt(oms_prompt, steps)] * len(image_prompts)
-    return [clean_prompt(prompt, steps) for prompt in image_prompts]
 
 
 def sampler_start(p, job: Job):
@@ -215,31 +200,6 @@ def model_text(sd_model, family: str) -> ModelText | None:
 # ---------------------------------------------------------------------------------------------------------------
 # The plan of one generation: decided in process(), carried out at the first noise draw
 
-@dataclass
-class Plan:
-    args: OMSArgs
-    job: Job | None
-    prepared: Prepared | None = None
-    placement: Placement | None = None
-    error: Exception | None = None
-    said: set = field(default_factory=set)
-
-
-def say_once(plan: Plan, message: str) -> None:
-    """Said in the console once per generation (not once per batch)."""
-    if message not in plan.said:
-        plan.said.add(message)
-        log(message)
-
-
-def say_skipped(p, plan: Plan, reason: str) -> None:
-    """A skip replaces the OMS keys of the infotext with its reason and is said once per generation in the console."""
-    for key in infotext_keys():
-        p.extra_generation_params.pop(key, None)
-    p.extra_generation_params[INFOTEXT_SKIPPED] = reason
-    say_once(plan, f"skipped: {reason}")
-
-
 def prepare(p, args: OMSArgs) -> Plan:
     """Everything that can fail for configuration reasons, done before sampling; writes the infotext."""
     job = job_of(p)
@@ -253,24 +213,11 @@ def prepare(p, args: OMSArgs) -> Plan:
     latent_space = LATENT_SPACE_OF_FAMILY[family]
     device, dtype = device_and_dtype()
     plan.placement = Placement.of(device, sd_model, setting("oms_keep_in_vram"))
-    choice = Choice(module_name(args.module), setting(module_setting_key(latent_space)),
-                    setting("oms_text_encoder_layer"), plan.placement.home, dtype,
+    choice = Choice(module_name(args.module), automatic_modules(), setting("oms_text_encoder_layer"),
+                    plan.placement.home, dtype,
                     cuda_graphs=not plan.placement.offload)  # weights moved for every step would recapture each time
     plan.prepared = RUNTIME.prepare(choice, latent_space, host(), model_text(sd_model, family))
-    for loaded in plan.prepared.loaded:
-        log(f"{loaded} loaded")
-    p.extra_generation_params.update(infotext_params(args, plan.prepared.label))
-    requested_hash = module_hash(args.module)
-    if requested_hash and requested_hash != plan.prepared.module.short_hash.lower():
-        p.extra_generation_params[INFOTEXT_MODULE_REQUESTED] = args.module
-        module = plan.prepared.module
-        say_once(plan, f"the module file {module.weights_path} has hash {module.short_hash}, not {requested_hash} as "
-                       f"asked ({args.module}): it is another file of that name, so the image will differ from the one "
-                       "these parameters came from")
-    passes = "; ".join(untouched_passes(job))
-    if passes:
-        p.extra_generation_params[INFOTEXT_FIRST_PASS_ONLY] = passes
-        log(f"the first pass starts from the OMS latent; the {passes} continue from it as usual")
+    record_applied(p, plan, untouched_passes(job))
     return plan
 
 
@@ -342,14 +289,6 @@ class FirstDraw:
         return getattr(self.inner, name)
 
 
-def without_frames(error: Exception) -> Exception:
-    """``error`` as the user will see it (its type and message) without its traceback and chained errors: kept until
-    the first noise draw, those would hold the failed load's frames and their tensors in a reference cycle with
-    ``p`` that only a full garbage collection frees (1.9 GB per failed request with a real text encoder)."""
-    error.__cause__ = error.__context__ = None
-    return error.with_traceback(None)
-
-
 def raise_error(error: Exception, _x):
     refused = api.refusal(error)
     if refused is error:
@@ -369,20 +308,6 @@ def correct_first_draw(p, plan: Plan, x: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The script
-
-def requested(args, overrides: dict) -> bool:
-    """Whether OMS is asked for, before validating anything else (a disabled script must stay untouched)."""
-    if "enabled" in overrides:
-        raw = overrides["enabled"]
-    elif args and isinstance(args[0], dict):
-        raw = args[0].get("enabled", False)
-    else:
-        raw = args[0] if args else False
-    try:
-        return bool(convert(ARG_BY_NAME["enabled"], raw))
-    except ArgumentError:
-        return True  # unreadable: let the validation name the field
-
 
 # How each control reads a pasted infotext; one object per argument, shared by the txt2img and img2img tabs, so that
 # the WebUI's "Send to" buttons can match a tab's field to the other tab's by these names.
@@ -434,21 +359,41 @@ class OneMoreStepScript(scripts.Script):
         try:
             oms_args = from_dict(overrides, parse_script_args(args))
             if oms_args.enabled:
-                p._oms_plan = prepare(p, oms_args)
-        except Exception as error:  # raised from the first noise draw: the WebUI swallows errors of process()
+                reason = cannot_run(HOOK)
+                if reason:
+                    raise OMSError(reason)
+                p._oms_plan = prepare(p, oms_args) if HOOK == RNG_HOOK else sdnext.prepare(p, oms_args, RUNTIME)
+        except Exception as error:  # raised where the generation stops: the WebUIs swallow errors of process()
             log(f"error: {error}")
-            p._oms_plan = Plan(OMSArgs(), None, error=without_frames(error))
+            p._oms_plan = Plan(OMSArgs(), error=without_frames(error))
 
     def process_batch(self, p, *args, **kwargs):
         plan = getattr(p, "_oms_plan", None)
         if plan is None:
             return
-        if plan.error is not None:
+        if HOOK == INIT_LATENT_HOOK:
+            if plan.error is None and plan.prepared is not None:
+                try:
+                    sdnext.start_batch(p, plan)
+                except Exception as error:  # SD.Next shows a script's errors and goes on: process_images stops it
+                    log(f"error: {error}")
+                    plan.error = without_frames(error)
+        elif plan.error is not None:
             p.rng = FirstDraw(p.rng, functools.partial(raise_error, plan.error))
         elif plan.prepared is not None:
             p.rng = FirstDraw(p.rng, functools.partial(correct_first_draw, p, plan))
 
+    def process_images(self, p, *args, **kwargs):
+        """SD.Next: what this returns replaces the generation; after an OMS error, no image is made."""
+        plan = getattr(p, "_oms_plan", None)
+        if plan is not None and plan.error is not None:
+            return sdnext.no_image(p, plan.error)
+        return None
 
+
+HOOK = start_hook()
+if cannot_run(HOOK):
+    log(f"error: {cannot_run(HOOK)}")
 script_callbacks.on_ui_settings(functools.partial(on_ui_settings, module_choices))
 script_callbacks.on_before_ui(xyz.register_axes)
-script_callbacks.on_app_started(api.on_app_started)
+script_callbacks.on_app_started(api.app_started(functools.partial(cannot_run, HOOK)))

@@ -15,7 +15,7 @@ from oms_webui.args import (
     INFOTEXT_SKIPPED,
     ArgumentError,
     OMSArgs,
-    alwayson_args_problem,
+    alwayson_request,
     from_dict,
     hints_markup,
     infotext_keys,
@@ -160,7 +160,6 @@ def test_unreadable_pasted_value_is_left_alone():
 @pytest.mark.parametrize("body, problem", [
     ({"alwayson_scripts": {"One More Step": {"args": {"enabled": True}}}}, "must be a list"),
     ({"alwayson_scripts": {"one more step": {"args": "true"}}}, "must be a list"),  # the WebUI ignores title case
-    ({"alwayson_scripts": {"One More Step": {"args": [{"enabled": True}]}}}, None),
     ({"alwayson_scripts": {"One More Step": {}}}, None),
     ({"alwayson_scripts": {"Other": {"args": {"x": 1}}}}, None),  # not ours to judge
     ({"prompt": "x"}, None),
@@ -168,9 +167,26 @@ def test_unreadable_pasted_value_is_left_alone():
 ])
 def test_alwayson_args_must_be_a_list(body, problem):
     """The WebUI's API indexes ``args`` by position: an object answers ``KeyError: 0``."""
-    found = alwayson_args_problem(json.dumps(body).encode(), "One More Step")
+    found = alwayson_request(json.dumps(body).encode(), "One More Step")
     assert (found is None) if problem is None else (problem in found and "[{\"enabled\": true" in found)
-    assert alwayson_args_problem(b"not json", "One More Step") is None  # the API answers malformed JSON itself
+    assert alwayson_request(b"not json", "One More Step") is None  # the API answers malformed JSON itself
+
+
+@pytest.mark.parametrize("args, found", [
+    ([{"enabled": True, "cfg": 1.5}], OMSArgs(enabled=True, cfg=1.5)),
+    ([True, "Automatic", "", "", 2, "ddim"], OMSArgs(True, AUTOMATIC, "", "", 2.0, "DDIM")),
+    ([{"enabled": True, "cfg": "strong"}], "argument 'cfg' (OMS CFG) must be a number from 0 to 10, got 'strong'"),
+    ([{"enabled": True, "guidance": 2}], "unknown argument 'guidance'"),
+    ([True, "Automatic", "", "", 1.0, "euler"], "argument 'solver' (OMS solver) must be one of 'SDE', 'DDIM'"),
+    ([{"enabled": False, "cfg": "not checked when off"}], None),  # a disabled script stays untouched
+    ([False, "Automatic", "", "", "x"], None),
+])
+def test_an_api_request_asking_for_oms_is_checked_as_the_script_checks_it(args, found):
+    """Checked before the WebUI reads the request, so a host that shows script errors and goes on (SD.Next) still
+    answers 422 with the message."""
+    got = alwayson_request(json.dumps({"alwayson_scripts": {"One More Step": {"args": args}}}).encode(),
+                           "One More Step")
+    assert got == found if not isinstance(found, str) else found in got
 
 
 def test_the_hints_carry_every_label_and_solver_choice_with_the_shared_help():

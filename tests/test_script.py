@@ -921,6 +921,33 @@ def test_alwayson_args_given_as_an_object_answer_422(webui):
         assert status == 200 and got[-1] == body  # handed on as it came
 
 
+@pytest.mark.parametrize("args, words", [
+    ([{"enabled": True, "cfg": 11}], "argument 'cfg' (OMS CFG) must be a number from 0 to 10, got 11"),
+    ([True, "no_such_module"], "argument 'module' (OMS module): OMS module 'no_such_module' was not found in"),
+])
+def test_an_api_request_oms_would_refuse_answers_422_before_the_webui_reads_it(webui, args, words):
+    import json
+
+    app, got = started_app(webui)
+    body = json.dumps({"prompt": "x", "alwayson_scripts": {"One More Step": {"args": args}}}).encode()
+    status, answer = asgi_post(app, "/sdapi/v1/txt2img", body)
+    assert status == 422 and words in json.loads(answer)["detail"] and got == []
+
+
+def test_a_webui_that_cannot_run_oms_refuses_requests_for_it_and_says_so(monkeypatch, oms_dir, capsys):
+    """Forge Neo's API mode runs no script: a request asking for OMS is refused, one without OMS passes."""
+    import json
+
+    webui = make_webui(monkeypatch, oms_dir, opts={"forge_model_mode": "api"})
+    assert "cannot run while Forge Neo is in API mode" in capsys.readouterr().out  # said at start-up
+    app, got = started_app(webui)
+    on = json.dumps({"prompt": "x", "alwayson_scripts": {"One More Step": {"args": [True]}}}).encode()
+    status, answer = asgi_post(app, "/sdapi/v1/txt2img", on)
+    assert status == 422 and "API mode" in json.loads(answer)["detail"] and got == []
+    off = json.dumps({"prompt": "x", "alwayson_scripts": {"One More Step": {"args": [False]}}}).encode()
+    assert asgi_post(app, "/sdapi/v1/txt2img", off)[0] == 200 and got == [off]
+
+
 @pytest.mark.parametrize("refuses", [False, True])
 def test_the_check_is_added_whether_the_app_rebuilds_its_stack_or_refuses(webui, refuses):
     """Both Starlette behaviours of a late add_middleware, whichever the installed Starlette has: rebuild at once
@@ -931,20 +958,23 @@ def test_the_check_is_added_whether_the_app_rebuilds_its_stack_or_refuses(webui,
         def __init__(self):
             self.user_middleware, self.middleware_stack, self.added = [], object(), []
 
-        def add_middleware(self, cls):
+        def add_middleware(self, cls, **options):
             if refuses:
                 raise RuntimeError("Cannot add middleware after an application has started")
-            self.added.append(cls)
+            self.added.append((cls, options))
 
     app = App()
-    api = webui.script_module.api  # imports fastapi, which the fake WebUI provides
-    api.on_app_started(None, app)
-    check = api.AlwaysonArgsCheck
+    (callback,) = webui.modules["script_callbacks"].registered["app_started"]
+    callback(None, app)
+    check = webui.script_module.api.AlwaysonArgsCheck  # imports fastapi, which the fake WebUI provides
     if refuses:
         (entry,) = app.user_middleware
         assert isinstance(entry, Middleware) and entry.cls is check and app.middleware_stack is None
+        options = entry.kwargs if hasattr(entry, "kwargs") else entry.options
     else:
-        assert app.added == [check] and app.user_middleware == []
+        ((added, options),) = app.added
+        assert added is check and app.user_middleware == []
+    assert options["cannot_run"]() is None  # the fake WebUI offers the A1111 family's hook
 
 
 # ---------------------------------------------------------------------------------------------------------------
