@@ -452,12 +452,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def input_problem(args) -> str | None:
+    """What is wrong with the data and output given on the command line, in one line, or None."""
     if bool(args.images) == bool(args.latents):
-        raise SystemExit("give exactly one of --images FOLDER or --latents FILE.safetensors")
+        return "give exactly one of --images FOLDER or --latents FILE.safetensors"
+    if args.images and not Path(args.images).is_dir():
+        return f"argument --images: {args.images} is not a folder"
+    if args.latents and not Path(args.latents).is_file():
+        return f"argument --latents: {args.latents} is not a file"
     if args.latents and not args.captions:
-        raise SystemExit("--latents needs --captions (a .json list or a .txt with one caption per line)")
+        return "--latents needs --captions (a .json list or a .txt with one caption per line)"
+    if args.captions and not Path(args.captions).is_file():
+        return f"argument --captions: {args.captions} is not a file"
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        return f"argument --out: {args.out} is a file, not a folder"
+    for name in ("steps", "batch_size", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            return f"argument --{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}"
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        return f"argument --lr: must be a positive number, got {args.lr}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    problem = input_problem(args)
+    if problem:
+        parser.error(problem)
     device = args.device or default_device()
     try:
         encoder = load_text_encoder(args.text_encoder_kind, args.text_encoder, device)

@@ -11,6 +11,7 @@ from lib_oms.options import AUTOMATIC, LAYERS, PRECISIONS
 from oms_webui.args import TITLE
 
 SECTION_ID = "oms"
+CATEGORY_ID = "one_more_step"
 
 
 @dataclass(frozen=True)
@@ -62,19 +63,36 @@ def webui_option(key: str, default):
     return shared.opts.data.get(key, default)
 
 
+def own_category() -> dict:
+    """The settings' own category in the Settings tab (A1111 1.7+, its forks), registered once: the OptionInfo
+    argument that puts them there; nothing where the WebUI has no categories (they then show under its default)."""
+    import inspect
+
+    from modules import shared
+
+    try:
+        from modules.options import categories
+    except ImportError:
+        return {}
+    if "category_id" not in inspect.signature(shared.OptionInfo).parameters:
+        return {}
+    if CATEGORY_ID not in categories.mapping:
+        categories.register_category(CATEGORY_ID, TITLE)
+    return {"category_id": CATEGORY_ID}
+
+
 def on_ui_settings(module_choices) -> None:
     """Adds the settings to the WebUI's Settings tab; ``module_choices()`` lists the module names found."""
     import gradio as gr
     from modules import shared
 
-    section = (SECTION_ID, TITLE)
+    placed = {"section": (SECTION_ID, TITLE), **own_category()}
     for item in SETTINGS:
         if item.modules:
             info = shared.OptionInfo(item.default, item.label, gr.Dropdown, lambda: {"choices": module_choices()},
-                                     refresh=lambda: None, section=section)
+                                     refresh=lambda: None, **placed)
         elif item.choices:
-            info = shared.OptionInfo(item.default, item.label, gr.Radio, {"choices": list(item.choices)},
-                                     section=section)
+            info = shared.OptionInfo(item.default, item.label, gr.Radio, {"choices": list(item.choices)}, **placed)
         else:
-            info = shared.OptionInfo(item.default, item.label, section=section)
+            info = shared.OptionInfo(item.default, item.label, **placed)
         shared.opts.add_option(item.key, info)

@@ -13,6 +13,7 @@ the WebUI loads this file (only then is the extension's folder on ``sys.path``).
 
 import contextlib
 import functools
+import html
 from pathlib import Path
 
 import gradio as gr
@@ -59,6 +60,7 @@ from oms_webui.generation import (
     without_frames,
 )
 from oms_webui.logic import (
+    IMG2IMG_RULE,
     K_DIFFUSION,
     LATENT_SPACE_OF_FAMILY,
     TIMESTEP,
@@ -77,6 +79,7 @@ from oms_webui.settings import automatic_modules, on_ui_settings, setting, webui
 # Kept across model loads: modules and file-based text encoders do not depend on the checkpoint (the SDXL refiner
 # reloads two models every generation), and an encoder read from a checkpoint is kept under it.
 RUNTIME = OMSRuntime()
+HOOK = start_hook()  # how this WebUI lets the script set where sampling starts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,6 +312,23 @@ def correct_first_draw(p, plan: Plan, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # The script
 
+# Where img2img starts from pure noise, which is where OMS applies there, as each hook allows.
+IMG2IMG_NOTES = {
+    RNG_HOOK: f"{IMG2IMG_RULE}; other img2img is made without it, and its parameters say why.",
+    INIT_LATENT_HOOK: "In SD.Next, OMS applies to text-to-image only: img2img, inpainting and control start from "
+                      "their image.",
+}
+
+
+def ui_notes(is_img2img: bool) -> list[str]:
+    """What the accordion says where a user sees it: that this WebUI cannot run OMS now, or where OMS applies in
+    img2img."""
+    reason = cannot_run(HOOK)
+    if reason:
+        return [reason]
+    return [IMG2IMG_NOTES[HOOK]] if is_img2img else []
+
+
 # How each control reads a pasted infotext; one object per argument, shared by the txt2img and img2img tabs, so that
 # the WebUI's "Send to" buttons can match a tab's field to the other tab's by these names.
 PASTE = {arg.name: functools.partial(paste_value, arg) for arg in ARGS}
@@ -341,6 +361,8 @@ class OneMoreStepScript(scripts.Script):
                                 step=a["cfg"].step, value=a["cfg"].default, elem_id=self.elem_id("cfg"))
                 solver = gr.Radio(label=a["solver"].label, choices=list(a["solver"].choices),
                                   value=a["solver"].default, elem_id=self.elem_id("solver"))
+            for note in ui_notes(is_img2img):
+                gr.HTML(f"<p>{html.escape(note, quote=False)}</p>", elem_classes=["oms-note"])
             gr.HTML(hints_markup(), elem_classes=["oms-hints"])  # read by javascript/oms_hints.js, never shown
         components = {"enabled": enabled, "module": module, "prompt": prompt, "negative_prompt": negative_prompt,
                       "cfg": cfg, "solver": solver}
@@ -391,7 +413,6 @@ class OneMoreStepScript(scripts.Script):
         return None
 
 
-HOOK = start_hook()
 if cannot_run(HOOK):
     log(f"error: {cannot_run(HOOK)}")
 script_callbacks.on_ui_settings(functools.partial(on_ui_settings, module_choices))

@@ -99,6 +99,8 @@ def test_shipped_weights_are_small_safetensors_made_for_the_demo_space():
 @pytest.mark.parametrize("argv, option", [
     (["--steps", "0"], "--steps"), (["--images", "0"], "--images"), (["--prompt-seeds", "0"], "--prompt-seeds"),
     (["--threads", "0"], "--threads"), (["--steps", "-2"], "--steps"), (["--images", "many"], "--images"),
+    (["--cfg", "nan"], "--cfg"), (["--cfg", "inf"], "--cfg"), (["--cfg", "strong"], "--cfg"),
+    (["--out", "/proc/no-such-folder/demo"], "--out"),
 ])
 def test_demo_refuses_bad_values_before_any_work(monkeypatch, capsys, argv, option):
     monkeypatch.setattr(demo_cli, "load_models", lambda *a: pytest.fail("the demo started working"))

@@ -214,3 +214,20 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["world_size"] == 2
     module = load_module(tmp_path / "oms_module")
     assert isinstance(module.unet, OMSUNet)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--images", "/no/such/folder"], "argument --images: /no/such/folder is not a folder"),
+    (["--latents", "/no/such.safetensors", "--captions", "c.json"], "argument --latents: /no/such.safetensors is not"),
+    ([], "give exactly one of --images FOLDER or --latents FILE.safetensors"),
+    (["--images", ".", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (["--images", ".", "--lr", "nan"], "argument --lr: must be a positive number, got nan"),
+])
+def test_the_command_line_refuses_bad_input_in_one_line_before_any_work(monkeypatch, capsys, argv, words):
+    import lib_oms.train as train
+
+    monkeypatch.setattr(train, "load_text_encoder", lambda *a: pytest.fail("the trainer started working"))
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--latent-space", "sd", "--text-encoder-kind", "demo-words", "--out", "/tmp/oms-unused"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and words in error

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import time
 from pathlib import Path
 
@@ -59,6 +61,30 @@ def positive_int(text: str) -> int:
     return value
 
 
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (NaN and infinities would run the whole demo to a picture of nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def writable_folder(path: Path) -> str | None:
+    """Why the demo cannot write its files into ``path`` (made if missing), or None."""
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file, not a folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"{path} cannot be made ({error.strerror})"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib_oms.demo", description=__doc__.split("\n")[0].split(": ")[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -69,17 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=positive_int, default=defaults.images,
                         help="captions generated without and with OMS (one seed each)")
     parser.add_argument("--steps", type=positive_int, default=defaults.steps, help="Euler steps")
-    parser.add_argument("--cfg", type=float, default=defaults.cfg, help="the base model's CFG")
+    parser.add_argument("--cfg", type=finite_float, default=defaults.cfg, help="the base model's CFG")
     parser.add_argument("--prompt-seeds", type=positive_int, default=defaults.prompt_seeds,
                         help="seeds per prompt for the prompt control and for each OMS CFG of the sweep")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="first seed; image i uses seed + i")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (these small networks run fastest on one)")
     args = parser.parse_args(argv)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"argument --out: {args.out} is a file, not a folder")
     if not Path(args.models).is_dir():
         parser.error(f"argument --models: {args.models} is not a folder")
+    unwritable = writable_folder(Path(args.out))
+    if unwritable:
+        parser.error(f"argument --out: {unwritable}")
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     models = load_models(args.models)
