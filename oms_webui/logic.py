@@ -38,6 +38,7 @@ class Job:
     initial_noise_multiplier: float = 1.0
     extra_noise: float = 0.0
     noise_schedule: str = "Default"
+    checkpoint_zero_terminal_snr: bool = False  # the checkpoint turns the schedule on itself (Forge Neo: a ztsnr key)
 
 
 NO_REFINER = (None, "", "None", "none")  # what the WebUI's processing reads as "no refiner checkpoint"
@@ -66,6 +67,9 @@ def job_skip_reason(job: Job) -> str | None:
     """Why no sampling in this generation starts from pure noise, or None when the first pass does."""
     if job.noise_schedule == ZERO_TERMINAL_SNR_SCHEDULE:
         return "zero-terminal-SNR noise schedule: sampling already starts from pure noise, nothing to correct"
+    if job.checkpoint_zero_terminal_snr:
+        return ("the checkpoint turns on a zero-terminal-SNR schedule (its ztsnr key): sampling already starts from "
+                "pure noise, nothing to correct")
     if job.mode == "txt2img":
         if job.firstpass_image:
             return "hires fix on an existing image has no first pass to correct"

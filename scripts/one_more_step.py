@@ -103,16 +103,19 @@ def checkpoint_family(sd_model) -> str:
 def job_of(p) -> Job:
     from modules import processing
 
-    noise_schedule = webui_option("sd_noise_schedule", "Default")
+    schedule = {"noise_schedule": webui_option("sd_noise_schedule", "Default"),
+                # Forge Neo's model config says so when the checkpoint holds a "ztsnr" key
+                "checkpoint_zero_terminal_snr": bool(getattr(getattr(p.sd_model, "model_config", None), "ztsnr",
+                                                             False))}
     refiner = uses_refiner(getattr(p, "refiner_checkpoint", None), getattr(p, "refiner_switch_at", None))
     if isinstance(p, processing.StableDiffusionProcessingTxt2Img):
         return Job("txt2img", hires=bool(getattr(p, "enable_hr", False)), refiner=refiner,
-                   firstpass_image=getattr(p, "firstpass_image", None) is not None, noise_schedule=noise_schedule)
+                   firstpass_image=getattr(p, "firstpass_image", None) is not None, **schedule)
     return Job("img2img", refiner=refiner, inpainting=getattr(p, "image_mask", None) is not None,
                inpainting_fill=int(getattr(p, "inpainting_fill", 1)),
                denoising_strength=float(getattr(p, "denoising_strength", 0.75) or 0.0),
                initial_noise_multiplier=float(getattr(p, "initial_noise_multiplier", 1.0)),
-               extra_noise=float(webui_option("img2img_extra_noise", 0.0)), noise_schedule=noise_schedule)
+               extra_noise=float(webui_option("img2img_extra_noise", 0.0)), **schedule)
 
 
 def sampler_kind(sampler) -> tuple[str | None, str]:

@@ -68,6 +68,8 @@ INPAINT = dict(mode="img2img", inpainting=True, inpainting_fill=INPAINT_FILL_LAT
     (Job("txt2img", hires=True, refiner=True), True),
     (Job("txt2img", firstpass_image=True), False),
     (Job("txt2img", noise_schedule="Zero Terminal SNR"), False),
+    (Job("txt2img", checkpoint_zero_terminal_snr=True), False),
+    (Job(**{**INPAINT, "checkpoint_zero_terminal_snr": True}), False),
     (Job(**INPAINT), True),
     (Job(**{**INPAINT, "inpainting_fill": INPAINT_FILL_LATENT_NOISE}), True),
     (Job(**{**INPAINT, "inpainting_fill": 1}), False),

@@ -62,3 +62,25 @@ def test_the_settings_get_a_category_of_their_own_where_the_webui_has_categories
     assert registered == {"one_more_step": "One More Step"}
     assert {info.category_id for info in added.values()} == {"one_more_step"}
     assert {info.section for info in added.values()} == {("oms", "One More Step")}
+
+
+def test_a_checkpoint_that_turns_on_zero_terminal_snr_itself_is_skipped_before_loading(monkeypatch, tmp_path):
+    """Forge Neo turns zero-terminal SNR on when the checkpoint's state dict has a "ztsnr" key (its model config says
+    so), whatever the Noise schedule setting says, and rescales the sigmas before sampling (modules/processing.py,
+    exo101/sd-webui-forge-neo-v3 5692d2d): OMS is skipped at once, says why, and the start is the one without it."""
+    import torch
+
+    from tests.test_script import OFF, ON, txt2img
+    from tests.webui_fakes import FakeSDModel, KDiffusionSampler
+
+    webui = make_webui(monkeypatch, write_models(tmp_path), family="forge-neo")
+    model = FakeSDModel()
+    model.model_config = types.SimpleNamespace(ztsnr=True)
+    rescaled = torch.tensor([4518.76, 1.0, 0.0])  # Neo's rescale_zero_terminal_snr_sigmas: the first sigma explodes
+    loads = []
+    monkeypatch.setattr("lib_oms.module_files.load_module", lambda *a, **k: loads.append(a))
+    p = txt2img(KDiffusionSampler(sigmas=rescaled), sd_model=model)
+    start = webui.run(p, ON)[0]
+    plain = webui.run(txt2img(KDiffusionSampler(sigmas=rescaled), sd_model=model), OFF)[0]
+    assert torch.equal(start, plain) and loads == [] and webui.errors == []
+    assert "its ztsnr key" in p.extra_generation_params["OMS skipped"]
