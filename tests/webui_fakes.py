@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import csv
 import enum
+import functools
 import importlib.machinery
 import importlib.util
 import io
@@ -40,9 +41,21 @@ def sd_alphas_cumprod() -> torch.Tensor:
 # gradio
 
 class Component:
+    """A gradio component as far as the extension makes one; every component made while ``made`` is a list is
+    appended to it (WebUI.elem_ids reads the ids a script's ui() gives its components)."""
+
+    made: list | None = None
+
     def __init__(self, value=None, label=None, **kwargs):
         self.value, self.label, self.kwargs = value, label, kwargs
         self.value = kwargs.get("value", value)
+        if Component.made is not None:
+            Component.made.append(self)
+
+    @property
+    def elem_ids(self) -> list[str]:
+        """The ids of the HTML elements the WebUI makes for this component."""
+        return [self.kwargs["elem_id"]] if self.kwargs.get("elem_id") else []
 
     def __enter__(self):
         return self
@@ -402,18 +415,29 @@ class FakeSDModel:
             self.conditioner = types.SimpleNamespace(embedders=embedders)
 
 
+# The fields of ``p`` that every request sets (the API and the UI always send them) or that process_images sets
+# before the scripts read them: their values in Processing are the tests' own, not the WebUI's defaults.
+REQUEST_FIELDS = frozenset({"prompt", "seed", "subseed", "steps", "width", "height", "sampler_name", "batch_size",
+                            "sd_model", "sampler", "all_prompts", "all_seeds", "all_subseeds", "script_args"})
+
+
 @dataclass
 class Processing:
-    """The fields of StableDiffusionProcessing the extension reads."""
+    """The fields of StableDiffusionProcessing the extension reads. Every field outside REQUEST_FIELDS has the
+    WebUI's own default, as a ``p`` made without arguments has it after its ``__post_init__`` (so
+    ``extra_generation_params`` is {}); ``mode`` is the fake's own (the fake samplers read it).
+
+    Checked against A1111 1.10.1, Forge Classic 1f95d71 and Forge Neo 5692d2d (modules/processing.py); covered by
+    test_webui_fakes_match.py::test_processing_has_what_the_webui_has."""
 
     sd_model: object = None
     prompt: str = "a dark alley"
     all_prompts: list = field(default_factory=list)
     seed: int = 11
     subseed: int = 1
-    subseed_strength: float = 0.0
-    seed_resize_from_h: int = 0
-    seed_resize_from_w: int = 0
+    subseed_strength: float = 0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
     all_seeds: list = field(default_factory=list)
     all_subseeds: list = field(default_factory=list)
     batch_size: int = 1
@@ -424,47 +448,100 @@ class Processing:
     sampler: object = None
     extra_generation_params: dict = field(default_factory=dict)
     script_args: tuple = ()
-    enable_hr: bool = False
     is_hr_pass: bool = False
     refiner_checkpoint: str | None = None
-    refiner_switch_at: float = 1.0
+    refiner_switch_at: float | None = None
+    firstpass_image: object = None  # a PIL image: hires fix of an image given instead of a first pass
     mode: str = "txt2img"
 
 
+@dataclass
 class StableDiffusionProcessingTxt2Img(Processing):
-    pass
+    enable_hr: bool = False
+    denoising_strength: float = 0.75
 
 
 @dataclass
 class StableDiffusionProcessingImg2Img(Processing):
+    """``image_mask`` is what the request's ``mask`` becomes in ``__post_init__`` (None without one);
+    ``initial_noise_multiplier`` is the setting's value there (its default, 1.0) unless the request gives one."""
+
     mode: str = "img2img"
-    image_mask: object = "mask"
-    inpainting_fill: int = 3
-    denoising_strength: float = 1.0
+    image_mask: object = None
+    inpainting_fill: int = 0
+    denoising_strength: float = 0.75
     initial_noise_multiplier: float = 1.0
     init_latent: torch.Tensor | None = None
     nmask: torch.Tensor | None = None
 
 
 class Script:
-    """modules.scripts.Script of A1111 1.10 (with_hook=True) or 1.6–1.9 (without process_before_every_sampling)."""
+    """modules.scripts.Script of A1111 1.10 (with_hook=True) or 1.6–1.9 (without process_before_every_sampling). The
+    WebUI sets ``is_txt2img`` and ``is_img2img`` on each instance before it calls ``ui()`` (WebUI.script does).
 
+    ``elem_id``: "script_", then the tab ("txt2img_" or "img2img_") only when ``show(True) == show(False)`` (a script
+    shown alike in both tabs, as an AlwaysVisible one is), then the title lower-cased with each whitespace character
+    made "_" and every character other than a-z, 0-9 and "_" dropped, then "_" and the item id.
+    Checked against A1111 1.10.1, Forge Classic 1f95d71 and Forge Neo 5692d2d (modules/scripts.py Script.elem_id and
+    ScriptRunner.initialize_scripts); covered by test_webui_fakes_match.py::test_elem_ids_are_the_webuis, and by
+    test_webui_browser.py, whose selectors (and javascript/oms_hints.js) use the real ids."""
+
+    is_txt2img = False
+    is_img2img = False
     infotext_fields = None
     paste_field_names = None
 
+    def title(self):
+        raise NotImplementedError
+
+    def show(self, is_img2img):
+        return True
+
+    def process(self, p, *args):
+        pass
+
+    def process_batch(self, p, *args, **kwargs):
+        pass
+
     def elem_id(self, item_id):
-        return f"script_oms_{item_id}"
+        tab = ("img2img_" if self.is_img2img else "txt2img_") if self.show(True) == self.show(False) else ""
+        title = re.sub(r"[^0-9a-z_]", "", "".join("_" if char.isspace() else char for char in self.title().lower()))
+        return f"script_{tab}{title}_{item_id}"
+
+
+class InputAccordion(Component):
+    """modules.ui_components.InputAccordion: the component is the accordion's checkbox, whose element id is the given
+    one + "-checkbox"; the accordion around it has the given id.
+    Checked against A1111 1.10.1 and Forge Neo 5692d2d (modules/ui_components.py); covered by
+    test_webui_fakes_match.py::test_elem_ids_are_the_webuis."""
+
+    @property
+    def elem_ids(self) -> list[str]:
+        given = self.kwargs.get("elem_id")
+        return [given, f"{given}-checkbox"] if given else []
+
+
+def create_refresh_button(refresh_component, refresh_method, refreshed_args, elem_id):
+    """modules.ui_common.create_refresh_button: a tool button with the given element id."""
+    return Component(elem_id=elem_id)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The WebUI families: which of the modules the extension reads each one has, and the Forge family's memory manager.
-# Checked against A1111 1.10.1, Forge Classic 1f95d71 and Forge Neo v3.5 (exo101/sd-webui-forge-neo-v3 f95f632):
-# every module in make_modules exists in all three except modules.lowvram (A1111, Forge, reForge only).
+# The WebUI families: which of the modules the extension reads each one has, the Forge family's memory manager, the
+# flags and settings that differ.
+# Checked against A1111 1.10.1, Forge Classic 1f95d71 and Forge Neo 5692d2d (exo101/sd-webui-forge-neo-v3; v3.5,
+# f95f632, before): every module in make_modules exists in all three except modules.lowvram (A1111, Forge, reForge
+# only); Forge Neo has no --use-cpu and draws its noise on the CPU by default. Covered by
+# test_webui_fakes_match.py (test_family_is_the_webuis, test_cmd_opts_and_state_are_the_webuis,
+# test_settings_the_fakes_set_have_the_webuis_defaults). Forge and reForge were not run here: their entries are read
+# from their sources only.
 
 @dataclass(frozen=True)
 class Family:
     has_lowvram: bool  # modules.lowvram (A1111's --lowvram / --medvram)
     manager: str | None  # the module path of the WebUI's own memory manager
+    has_use_cpu: bool = True  # the --use-cpu flag (shared.cmd_opts.use_cpu)
+    opts: dict = field(default_factory=dict)  # settings whose default differs from A1111's
 
 
 FAMILIES = {
@@ -472,8 +549,12 @@ FAMILIES = {
     "forge": Family(has_lowvram=True, manager="backend.memory_management"),
     "reforge": Family(has_lowvram=True, manager="ldm_patched.modules.model_management"),
     "forge-classic": Family(has_lowvram=False, manager="ldm_patched.modules.model_management"),
-    "forge-neo": Family(has_lowvram=False, manager="backend.memory_management"),
+    "forge-neo": Family(has_lowvram=False, manager="backend.memory_management", has_use_cpu=False,
+                        opts={"randn_source": "CPU", "forge_model_mode": "local"}),
 }
+# The settings of A1111 1.10.1 the extension or the fakes read, with their defaults.
+A1111_OPTS = {"randn_source": "GPU", "sd_noise_schedule": "Default", "sgm_noise_multiplier": False,
+              "img2img_extra_noise": 0.0, "eta_noise_seed_delta": 0, "initial_noise_multiplier": 1.0}
 
 
 class VRAMState(enum.Enum):
@@ -521,6 +602,29 @@ def host_modules(family: str) -> dict[str, types.ModuleType]:
     return modules
 
 
+CALLBACK_KINDS = ("app_started", "model_loaded", "ui_settings", "before_ui")
+
+
+@dataclass
+class ScriptCallback:
+    """modules.script_callbacks.ScriptCallback: the file of the script that registered it, the callback, a name."""
+
+    script: str
+    callback: object
+    name: str = "unnamed"
+
+
+def add_callback(callbacks, kind, callback, *, name=None):
+    """script_callbacks.on_<kind>(callback, *, name=None), which records the registering script's file."""
+    caller = sys._getframe(1).f_code.co_filename
+    callbacks.callback_map[f"callbacks_{kind}"].append(ScriptCallback(caller, callback, name or "unnamed"))
+    callbacks.registered[kind].append(callback)
+
+
+# What the fakes hold for the tests' sake, which the WebUI's modules do not have.
+FAKES_OWN = {"modules.devices": {"gc_calls"}, "modules.lowvram": {"calls"}, "modules.script_callbacks": {"registered"}}
+
+
 def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None, family: str = "a1111"):
     """The fake ``modules`` package of a WebUI ``family`` (FAMILIES); returns (package, {name: submodule})."""
     names = ["scripts", "script_callbacks", "shared", "paths", "processing", "rng", "devices", "sd_models",
@@ -533,16 +637,25 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
     subs["scripts"].Script = base
     subs["scripts"].AlwaysVisible = object()
     subs["scripts"].scripts_data = []
+    # script_callbacks.on_<name>(callback, *, name=None): the callbacks each kind has, in order (the WebUI's
+    # callback_map["callbacks_<name>"]). Checked against A1111 1.10.1, Forge Classic 1f95d71 and Forge Neo 5692d2d
+    # (modules/script_callbacks.py); covered by test_webui_fakes_match.py::test_callbacks_are_the_webuis.
     callbacks = subs["script_callbacks"]
-    callbacks.registered = {"ui_settings": [], "before_ui": [], "model_loaded": [], "app_started": []}
-    for name in callbacks.registered:
-        setattr(callbacks, f"on_{name}", callbacks.registered[name].append)
+    callbacks.callback_map = {f"callbacks_{kind}": [] for kind in CALLBACK_KINDS}
+    callbacks.registered = {kind: [] for kind in CALLBACK_KINDS}  # the fake's own view: the callbacks of each kind
+    for kind in CALLBACK_KINDS:
+        setattr(callbacks, f"on_{kind}", functools.partial(add_callback, callbacks, kind))
     shared = subs["shared"]
-    shared.opts = Opts(**{"randn_source": "GPU", "sd_noise_schedule": "Default", "sgm_noise_multiplier": False,
-                          "img2img_extra_noise": 0.0, "eta_noise_seed_delta": 0, **(opts or {})})
+    shared.opts = Opts(**{**A1111_OPTS, **FAMILIES[family].opts, **(opts or {})})
     shared.OptionInfo = OptionInfo
-    shared.cmd_opts = types.SimpleNamespace(oms_models_dir=None, oms_no_download=False)
-    shared.state = types.SimpleNamespace(interrupted=False, skipped=False, textinfo=None)
+    # shared.cmd_opts with the flags' defaults (--oms-models-dir and --oms-no-download: this extension's preload.py).
+    # Checked against A1111 1.10.1, Forge Classic 1f95d71 and Forge Neo 5692d2d (modules/cmd_args.py); covered by
+    # test_webui_fakes_match.py::test_cmd_opts_and_state_are_the_webuis.
+    shared.cmd_opts = types.SimpleNamespace(oms_models_dir=None, oms_no_download=False,
+                                            **({"use_cpu": []} if FAMILIES[family].has_use_cpu else {}))
+    # shared.state (modules/shared_state.py State) with its defaults between generations. Checked against A1111
+    # 1.10.1, Forge Classic 1f95d71 and Forge Neo 5692d2d; covered by the same test.
+    shared.state = types.SimpleNamespace(interrupted=False, skipped=False, stopping_generation=False, textinfo=None)
     subs["sd_models"].checkpoints_list = {}  # title -> CheckpointInfo (.filename), the WebUI's checkpoint folders
     shared.sd_model = FakeSDModel()
     shared.device = torch.device("cpu")  # where ImageRNG's draws go
@@ -567,8 +680,8 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
     for function in (get_learned_conditioning_prompt_schedules, get_multicond_prompt_list, parse_prompt_attention):
         setattr(subs["prompt_parser"], function.__name__, function)
     subs["extra_networks"].parse_prompt = parse_extra_network_prompt
-    subs["ui_components"].InputAccordion = type("InputAccordion", (Component,), {})
-    subs["ui_common"].create_refresh_button = lambda *args, **kwargs: Component()
+    subs["ui_components"].InputAccordion = InputAccordion
+    subs["ui_common"].create_refresh_button = create_refresh_button
     package = types.ModuleType("modules")
     package.__path__ = []
     for name, module in subs.items():
@@ -585,13 +698,26 @@ class WebUI:
     errors: list = field(default_factory=list)  # what ScriptRunner would have reported (and swallowed)
     infotexts: list = field(default_factory=list)  # each image's generation parameters from the script, in order
     memory_manager: types.ModuleType | None = None  # the Forge family's (make_memory_manager)
+    other_scripts: list = field(default_factory=list)  # other extensions' scripts, run after this one
 
     @property
     def opts(self):
         return self.modules["shared"].opts
 
-    def script(self):
-        return self.script_module.OneMoreStepScript()
+    def script(self, is_img2img: bool = False):
+        """The script as the WebUI's ScriptRunner makes it for the txt2img or the img2img tab."""
+        script = self.script_module.OneMoreStepScript()
+        script.is_txt2img, script.is_img2img = not is_img2img, is_img2img
+        return script
+
+    def elem_ids(self, is_img2img: bool) -> list[str]:
+        """The element ids of the HTML elements made for the script's controls in one tab, in the order made."""
+        Component.made = []
+        try:
+            self.script(is_img2img).ui(is_img2img)
+            return [elem_id for component in Component.made for elem_id in component.elem_ids]
+        finally:
+            Component.made = None
 
     def _call(self, fn, *args, **kwargs):
         try:
@@ -599,16 +725,25 @@ class WebUI:
         except Exception as error:  # ScriptRunner: errors.report(...), generation goes on
             self.errors.append(error)
 
-    def run(self, p, args, *, batches: int = 1) -> list[torch.Tensor]:
+    def build_ui(self) -> None:
+        """What the WebUI does with the callbacks while it builds its UI: the before_ui callbacks (webui.py, before
+        create_ui), then the ui_settings ones (the Settings tab). Checked against A1111 1.10.1 (webui.py,
+        modules/ui.py, modules/ui_settings.py)."""
+        for kind in ("before_ui", "ui_settings"):
+            for callback in self.modules["script_callbacks"].registered[kind]:
+                callback()
+
+    def run(self, p, args, *, batches: int = 1, with_script: bool = True) -> list[torch.Tensor]:
         """process_images for ``p``: returns the latent each batch's sampler starts from (VE units for k-diffusion,
         VP for timestep samplers, as the sampler itself holds it). With a variation strength every image keeps the
-        seed and only the subseed counts up (the seed collapse of process_images).
+        seed and only the subseed counts up (the seed collapse of process_images). ``with_script=False``: the
+        WebUI without this extension.
 
         Checked against A1111 1.6.0 and 1.10.1 (modules/processing.py process_images_inner, modules/scripts.py
         ScriptRunner) and Forge Classic 1f95d71; covered by
         test_webui_api.py::test_enabled_changes_the_image_and_writes_its_infotext and
         test_webui_seams.py::test_an_error_while_sampling_stops_the_generation."""
-        script = self.script()
+        script = self.script() if with_script else self.modules["scripts"].Script()
         with_hook = hasattr(self.modules["scripts"].Script, "process_before_every_sampling")
         p.script_args = tuple(args)
         images = p.batch_size * batches
@@ -619,6 +754,8 @@ class WebUI:
         if not p.all_subseeds:
             p.all_subseeds = [int(p.subseed) + i for i in range(images)]
         self._call(script.process, p, *args)
+        for other in self.other_scripts:
+            self._call(other.process, p)
         starts = []
         for n in range(batches):
             batch = slice(n * p.batch_size, (n + 1) * p.batch_size)
@@ -627,6 +764,8 @@ class WebUI:
             p.rng = ImageRNG(shape, p.seeds, subseeds=p.subseeds, subseed_strength=p.subseed_strength,
                              seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w)
             self._call(script.process_batch, p, *args, batch_number=n, prompts=p.prompts, seeds=p.seeds)
+            for other in self.other_scripts:
+                self._call(other.process_batch, p, batch_number=n, prompts=p.prompts, seeds=p.seeds)
             x = p.rng.next()  # not wrapped: an exception here reaches the user
             if with_hook:
                 noise = x
