@@ -452,6 +452,11 @@ class Processing:
     refiner_checkpoint: str | None = None
     refiner_switch_at: float | None = None
     firstpass_image: object = None  # a PIL image: hires fix of an image given instead of a first pass
+    # set by process_images for each batch (WebUI.run does)
+    prompts: list | None = None
+    seeds: list | None = None
+    subseeds: list | None = None
+    rng: object = None
     mode: str = "txt2img"
 
 

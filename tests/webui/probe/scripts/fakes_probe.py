@@ -51,7 +51,10 @@ def plain(value, depth: int = 0):
 
 
 def public(obj) -> list[str]:
-    return sorted(name for name in dir(obj) if not name.startswith("_"))
+    """The public names of ``obj``, a module's class included (A1111 makes modules.shared's sd_model a property of
+    the module's class, which dir() of the module leaves out)."""
+    names = set(dir(obj)) | (set(dir(type(obj))) if isinstance(obj, type(sys)) else set())
+    return sorted(name for name in names if not name.startswith("_"))
 
 
 def present(name: str) -> bool:
