@@ -261,6 +261,8 @@ class KDiffusionSampler:
         self.funcname = funcname
         self.sigmas = sigmas if sigmas is not None else torch.tensor([SIGMA_MAX, 7.0, 3.0, 1.0, 0.3, 0.0])
         self.calls = 0
+        # k-diffusion's denoiser around the model, whose ᾱ it holds (the extension reads it on timestep samplers only)
+        self.model_wrap = types.SimpleNamespace(inner_model=types.SimpleNamespace(alphas_cumprod=sd_alphas_cumprod()))
 
     def get_sigmas(self, p, steps):
         self.calls += 1
@@ -402,6 +404,13 @@ class ImageRNG:
 
 
 class FakeSDModel:
+    """The loaded model (shared.sd_model, p.sd_model) as far as the extension reads it: the family flags, the latent
+    channels, A1111's low-VRAM flag, ᾱ, the checkpoint file, the text encoder (cond_stage_model; SDXL's conditioner)
+    and state_dict().
+
+    Checked against A1111 1.10.1 with an SD 1.5 checkpoint (LatentDiffusion, modules/sd_models.py); covered by
+    test_webui_fakes_match.py::test_sampler_and_model_have_what_the_webuis_have."""
+
     def __init__(self, family="sd1", latent_channels=4, checkpoint=""):
         self.is_sd1, self.is_sd2, self.is_sdxl = family == "sd1", family == "sd2", family in ("sdxl", "sdxl-refiner")
         self.is_sd3 = family == "sd3"
@@ -409,10 +418,14 @@ class FakeSDModel:
         self.lowvram = False
         self.alphas_cumprod = sd_alphas_cumprod()  # LatentDiffusion's buffer
         self.sd_checkpoint_info = types.SimpleNamespace(filename=checkpoint)
+        self.cond_stage_model = types.SimpleNamespace()  # its weights are read from the checkpoint file in the tests
         if self.is_sdxl:
             keys = ["txt"] if family == "sdxl-refiner" else ["txt", "txt"]
             embedders = [types.SimpleNamespace(input_key=k) for k in keys + ["original_size_as_tuple"]]
             self.conditioner = types.SimpleNamespace(embedders=embedders)
+
+    def state_dict(self):
+        return {}  # the tests give every checkpoint a file, which is read instead
 
 
 # The fields of ``p`` that every request sets (the API and the UI always send them) or that process_images sets

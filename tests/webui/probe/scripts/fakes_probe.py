@@ -149,7 +149,8 @@ def new_processing(cls) -> dict:
     except Exception as error:  # noqa: BLE001 - said in the record: the field defaults are used instead
         fields = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
         return {"error": f"{type(error).__name__}: {error}", "values": {k: plain(v) for k, v in fields.items()}}
-    return {"error": None, "values": {name: plain(value) for name, value in vars(made).items()}}
+    names = {f.name for f in dataclasses.fields(cls)} | set(vars(made))  # a field not set in __init__ is the class's
+    return {"error": None, "values": {name: plain(getattr(made, name)) for name in sorted(names) if has(made, name)}}
 
 
 def processing_facts() -> dict:
