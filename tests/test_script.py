@@ -1137,8 +1137,9 @@ def test_forge_low_vram_states_offload_after_the_step(monkeypatch, oms_dir, fami
     webui = make_webui(monkeypatch, oms_dir, family=family)
     manager = webui.memory_manager
     manager.vram_state = manager.VRAMState[state]
-    sd_model = FakeSDModel()
-    del sd_model.lowvram  # the Forge family's model has no A1111 lowvram flag
+    sd_model = FakeSDModel(webui=family)
+    if hasattr(sd_model, "lowvram"):  # Forge and reForge were not checked: their models taken as Classic's
+        del sd_model.lowvram  # the Forge family's model has no A1111 lowvram flag
     plan = webui.script_module.prepare(txt2img(sd_model=sd_model), webui.script_module.parse_script_args(ON))
     assert plan.placement.low_vram == low
     assert offload_after_use(True, plan.placement.low_vram, "cuda") == low

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import csv
 import enum
-import functools
 import importlib.machinery
 import importlib.util
 import io
@@ -408,10 +407,11 @@ class FakeSDModel:
     channels, A1111's low-VRAM flag, ᾱ, the checkpoint file, the text encoder (cond_stage_model; SDXL's conditioner)
     and state_dict().
 
-    Checked against A1111 1.10.1 with an SD 1.5 checkpoint (LatentDiffusion, modules/sd_models.py); covered by
+    ``webui``: the WebUI family (FAMILIES) whose model it is: the attributes its model lacks are left out.
+    Checked against A1111 1.10.1, Forge Classic 1f95d71 and Forge Neo 5692d2d with an SD 1.5 checkpoint; covered by
     test_webui_fakes_match.py::test_sampler_and_model_have_what_the_webuis_have."""
 
-    def __init__(self, family="sd1", latent_channels=4, checkpoint=""):
+    def __init__(self, family="sd1", latent_channels=4, checkpoint="", webui="a1111"):
         self.is_sd1, self.is_sd2, self.is_sdxl = family == "sd1", family == "sd2", family in ("sdxl", "sdxl-refiner")
         self.is_sd3 = family == "sd3"
         self.latent_channels = latent_channels
@@ -423,6 +423,9 @@ class FakeSDModel:
             keys = ["txt"] if family == "sdxl-refiner" else ["txt", "txt"]
             embedders = [types.SimpleNamespace(input_key=k) for k in keys + ["original_size_as_tuple"]]
             self.conditioner = types.SimpleNamespace(embedders=embedders)
+
+        for name in FAMILIES[webui].model_lacks:
+            delattr(self, name)
 
     def state_dict(self):
         return {}  # the tests give every checkpoint a file, which is read instead
@@ -560,13 +563,16 @@ class Family:
     manager: str | None  # the module path of the WebUI's own memory manager
     has_use_cpu: bool = True  # the --use-cpu flag (shared.cmd_opts.use_cpu)
     opts: dict = field(default_factory=dict)  # settings whose default differs from A1111's
+    model_lacks: frozenset = frozenset()  # attributes of FakeSDModel the family's loaded model does not have
+    callback_name: bool = True  # script_callbacks.on_<kind>(callback, *, name=None) rather than on_<kind>(callback)
 
 
 FAMILIES = {
     "a1111": Family(has_lowvram=True, manager=None),
     "forge": Family(has_lowvram=True, manager="backend.memory_management"),
     "reforge": Family(has_lowvram=True, manager="ldm_patched.modules.model_management"),
-    "forge-classic": Family(has_lowvram=False, manager="ldm_patched.modules.model_management"),
+    "forge-classic": Family(has_lowvram=False, manager="ldm_patched.modules.model_management",
+                            model_lacks=frozenset({"is_sd3", "latent_channels", "lowvram"}), callback_name=False),
     "forge-neo": Family(has_lowvram=False, manager="backend.memory_management", has_use_cpu=False,
                         opts={"randn_source": "CPU", "forge_model_mode": "local"}),
 }
@@ -632,11 +638,18 @@ class ScriptCallback:
     name: str = "unnamed"
 
 
-def add_callback(callbacks, kind, callback, *, name=None):
+def add_callback(callbacks, kind, callback, *, name=None, depth=1):
     """script_callbacks.on_<kind>(callback, *, name=None), which records the registering script's file."""
-    caller = sys._getframe(1).f_code.co_filename
+    caller = sys._getframe(depth).f_code.co_filename
     callbacks.callback_map[f"callbacks_{kind}"].append(ScriptCallback(caller, callback, name or "unnamed"))
     callbacks.registered[kind].append(callback)
+
+
+def on_callback(callbacks, kind, *, with_name: bool):
+    """The on_<kind> function of a WebUI whose on_* functions take a name (A1111 1.10) or only the callback."""
+    if with_name:
+        return lambda callback, *, name=None: add_callback(callbacks, kind, callback, name=name, depth=2)
+    return lambda callback: add_callback(callbacks, kind, callback, depth=2)
 
 
 # What the fakes hold for the tests' sake, which the WebUI's modules do not have.
@@ -662,7 +675,7 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
     callbacks.callback_map = {f"callbacks_{kind}": [] for kind in CALLBACK_KINDS}
     callbacks.registered = {kind: [] for kind in CALLBACK_KINDS}  # the fake's own view: the callbacks of each kind
     for kind in CALLBACK_KINDS:
-        setattr(callbacks, f"on_{kind}", functools.partial(add_callback, callbacks, kind))
+        setattr(callbacks, f"on_{kind}", on_callback(callbacks, kind, with_name=FAMILIES[family].callback_name))
     shared = subs["shared"]
     shared.opts = Opts(**{**A1111_OPTS, **FAMILIES[family].opts, **(opts or {})})
     shared.OptionInfo = OptionInfo
@@ -778,7 +791,7 @@ class WebUI:
         for n in range(batches):
             batch = slice(n * p.batch_size, (n + 1) * p.batch_size)
             p.prompts, p.seeds, p.subseeds = p.all_prompts[batch], p.all_seeds[batch], p.all_subseeds[batch]
-            shape = (p.sd_model.latent_channels, p.height // 8, p.width // 8)
+            shape = (getattr(p.sd_model, "latent_channels", 4), p.height // 8, p.width // 8)  # Classic: opt_C
             p.rng = ImageRNG(shape, p.seeds, subseeds=p.subseeds, subseed_strength=p.subseed_strength,
                              seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w)
             self._call(script.process_batch, p, *args, batch_number=n, prompts=p.prompts, seeds=p.seeds)

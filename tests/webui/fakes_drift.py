@@ -97,10 +97,10 @@ def probe_the_fakes(family: str, work: Path) -> dict:
 
         for sampler, name in ((fakes.KDiffusionSampler(), "Euler a"), (fakes.CompVisSampler(ddim), "DDIM")):
             webui.run(fakes.StableDiffusionProcessingTxt2Img(
-                sd_model=fakes.FakeSDModel(), sampler=sampler, sampler_name=name), [False])
+                sd_model=fakes.FakeSDModel(webui=family), sampler=sampler, sampler_name=name), [False])
         image = torch.zeros(1, 4, 5, 6)
         webui.run(fakes.StableDiffusionProcessingImg2Img(
-            sd_model=fakes.FakeSDModel(), sampler=fakes.KDiffusionSampler(), sampler_name="Euler a",
+            sd_model=fakes.FakeSDModel(webui=family), sampler=fakes.KDiffusionSampler(), sampler_name="Euler a",
             image_mask="a mask", inpainting_fill=2, denoising_strength=1.0, init_latent=image,
             nmask=torch.ones(4, 5, 6)), [False])
         assert webui.errors == [], webui.errors
