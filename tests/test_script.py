@@ -1112,10 +1112,11 @@ def test_the_check_is_added_whether_the_app_rebuilds_its_stack_or_refuses(webui,
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_oms_works_on_every_webui_family(monkeypatch, oms_dir, family):
-    """Forge Classic and Forge Neo have no modules.lowvram: every OMS generation failed there with ImportError."""
+    """Forge Classic and Forge Neo have no modules.lowvram: every OMS generation failed there with ImportError. Each
+    family's model has only the attributes its WebUI's has (Forge Neo's: no is_sd2, latent_channels, lowvram)."""
     webui = make_webui(monkeypatch, oms_dir, family=family)
     assert ("lowvram" in webui.modules) == FAMILIES[family].has_lowvram
-    p = txt2img(seeds=[5])
+    p = txt2img(seeds=[5], sd_model=FakeSDModel(webui=family))
     start = webui.run(p, ON)[0]
     x0 = expected_x0(oms_dir, "oms_tiny_15_21", unit_noise([5]), ["a dark alley"])
     assert webui.errors == [] and torch.allclose(start, x0 + SD_SIGMA_MAX * fresh_z([5]), atol=1e-4)

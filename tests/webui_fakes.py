@@ -424,11 +424,9 @@ class FakeSDModel:
             embedders = [types.SimpleNamespace(input_key=k) for k in keys + ["original_size_as_tuple"]]
             self.conditioner = types.SimpleNamespace(embedders=embedders)
 
+        self.state_dict = dict  # nn.Module's: {} here, as the tests give every checkpoint a file, which is read
         for name in FAMILIES[webui].model_lacks:
             delattr(self, name)
-
-    def state_dict(self):
-        return {}  # the tests give every checkpoint a file, which is read instead
 
 
 # The fields of ``p`` that every request sets (the API and the UI always send them) or that process_images sets
@@ -552,7 +550,8 @@ def create_refresh_button(refresh_component, refresh_method, refreshed_args, ele
 # flags and settings that differ.
 # Checked against A1111 1.10.1, Forge Classic 1f95d71 and Forge Neo 5692d2d (exo101/sd-webui-forge-neo-v3; v3.5,
 # f95f632, before): every module in make_modules exists in all three except modules.lowvram (A1111, Forge, reForge
-# only); Forge Neo has no --use-cpu and draws its noise on the CPU by default. Covered by
+# only); Forge Neo has no --use-cpu and draws its noise on the CPU by default; the models of Forge Classic and Forge
+# Neo lack some of A1111's attributes (model_lacks), and Classic's on_* take no name. Covered by
 # test_webui_fakes_match.py (test_family_is_the_webuis, test_cmd_opts_and_state_are_the_webuis,
 # test_settings_the_fakes_set_have_the_webuis_defaults). Forge and reForge were not run here: their entries are read
 # from their sources only.
@@ -574,7 +573,8 @@ FAMILIES = {
     "forge-classic": Family(has_lowvram=False, manager="ldm_patched.modules.model_management",
                             model_lacks=frozenset({"is_sd3", "latent_channels", "lowvram"}), callback_name=False),
     "forge-neo": Family(has_lowvram=False, manager="backend.memory_management", has_use_cpu=False,
-                        opts={"randn_source": "CPU", "forge_model_mode": "local"}),
+                        opts={"randn_source": "CPU", "forge_model_mode": "local"},
+                        model_lacks=frozenset({"is_sd2", "is_sd3", "latent_channels", "lowvram", "state_dict"})),
 }
 # The settings of A1111 1.10.1 the extension or the fakes read, with their defaults.
 A1111_OPTS = {"randn_source": "GPU", "sd_noise_schedule": "Default", "sgm_noise_multiplier": False,

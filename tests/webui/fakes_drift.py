@@ -159,7 +159,11 @@ def sampler_and_model_drift(fake: dict, host: dict, read: dict) -> list[str]:
         if generation not in host["generations"]:
             continue  # said by processing_drift
         real, ours = host["generations"][generation], fake["generations"][generation]
-        for key in ("k_diffusion", "timesteps", "model_wrap.inner_model.alphas_cumprod"):
+        # ᾱ on the sampler's model_wrap is read for timestep samplers only (Forge Neo's k-diffusion samplers have it
+        # only once a timestep sampler has run)
+        keys = ("k_diffusion", "timesteps") + (("model_wrap.inner_model.alphas_cumprod",)
+                                               if real["sampler"]["timesteps"] else ())
+        for key in keys:
             if ours["sampler"][key] != real["sampler"][key]:
                 lines.append(f"sampler of {generation!r} ({real['sampler']['class']}): {key} is "
                              f"{real['sampler'][key]} in the WebUI, {ours['sampler'][key]} in the fake")
