@@ -256,8 +256,18 @@ def test_save_module_fp16_and_overwrite(tmp_path, tiny):
 
 
 def test_save_module_into_an_empty_existing_folder(tmp_path, tiny):
-    (tmp_path / "empty").mkdir()
-    save_module(tmp_path / "empty", tiny[1], tiny[0], latent_space="sd", text_encoder="openclip-h")
+    """An empty folder that already exists is not refused as "already exists": the module is written into that very
+    folder (not beside it, not nested) and loads back as the network it was saved from."""
+    config, state = tiny
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert save_module(empty, state, config, latent_space="sd", text_encoder="openclip-h") == empty
+    assert sorted(p.relative_to(empty).as_posix() for p in empty.rglob("*") if p.is_file()) == [
+        "model_index.json", "oms_module/config.json", "oms_module/diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    module = load_module(empty)
+    assert (module.path, module.latent_space, module.text_encoder) == (empty, "sd", "openclip-h")
+    assert same_output(module, config, state)
 
 
 def test_save_module_checks_the_state_dict_against_the_config(tmp_path, tiny):

@@ -52,7 +52,7 @@ def test_forge_classic_is_recognised_by_its_xyz_folder_and_always_cpu(tmp_path):
     kind = host.detect(folder)
     assert kind.name == "Forge Classic" and kind.forge_family and not kind.can_make_checkpoint
     assert kind.cpu_flags() == ("--always-cpu",)
-    assert kind.test_set() == ("-m", "smoke or xyz or browser")
+    assert kind.test_set() == ("-m", "smoke or xyz or browser or fakes")
 
 
 def test_forge_neo_gets_only_the_flags_it_has(tmp_path):
@@ -128,6 +128,42 @@ def test_a_snapshot_shows_every_change_but_pythons_caches(tmp_path):
     (folder / "ui-config.json").write_text("{}")
     assert host.changes(before, host.snapshot(folder, skip=(folder / "venv",))) == [
         "added ui-config.json", "removed modules/a.py", "changed config.json"]
+
+
+def test_files_the_webui_unpacks_from_its_own_archives_are_its_own_not_changes(tmp_path):
+    """Forge Neo unpacks backend/huggingface/*.tokenizer.json.xz into nine tokenizer/tokenizer.json files below that
+    folder on its first start, whatever --data-dir says: those are the WebUI's; anything else added is a change."""
+    import lzma
+
+    folder = tmp_path / "webui"
+    archives = folder / "backend" / "huggingface"
+    archives.mkdir(parents=True)
+    (archives / "wan.tokenizer.json.xz").write_bytes(lzma.compress(b'{"wan": 1}'))
+    (archives / "z.tokenizer.json.xz").write_bytes(lzma.compress(b'{"z": 2}'))
+    (archives / "notes.txt.xz").write_bytes(lzma.compress(b"notes"))
+    before = host.snapshot(folder)
+    unpacked = archives / "Wan-AI" / "Wan2.1-T2V-14B" / "tokenizer" / "tokenizer.json"
+    unpacked.parent.mkdir(parents=True)
+    unpacked.write_bytes(b'{"wan": 1}')
+    z_image = archives / "Tongyi-MAI" / "Z-Image-Turbo" / "tokenizer" / "tokenizer.json"
+    z_image.parent.mkdir(parents=True)
+    z_image.write_bytes(b'{"z": 2}')
+    written = archives / "other" / "tokenizer.json"  # named as an unpacked file, with other bytes: a change
+    written.parent.mkdir()
+    written.write_bytes(b'{"made": "by a test"}')
+    (folder / "tokenizer.json").write_bytes(b'{"wan": 1}')  # the archive is not in its folder or above it
+    (folder / "notes.txt").write_bytes(b"notes")  # the same: an archive below a file does not count
+    after = host.snapshot(folder)
+    own = host.own_unpacked(folder, before, after)
+    assert own == {"backend/huggingface/Tongyi-MAI/Z-Image-Turbo/tokenizer/tokenizer.json":
+                   "backend/huggingface/z.tokenizer.json.xz",
+                   "backend/huggingface/Wan-AI/Wan2.1-T2V-14B/tokenizer/tokenizer.json":
+                   "backend/huggingface/wan.tokenizer.json.xz"}
+    assert host.changes(before, after, exempt=frozenset(own)) == [
+        "added backend/huggingface/other/tokenizer.json", "added notes.txt", "added tokenizer.json"]
+    for name in ("z.tokenizer.json.xz", "wan.tokenizer.json.xz"):  # archives the run changed: not the WebUI's own
+        (archives / name).write_bytes(lzma.compress(b'{"changed": true}'))
+    assert host.own_unpacked(folder, before, host.snapshot(folder)) == {}
 
 
 @pytest.mark.parametrize("existed", [True, False])

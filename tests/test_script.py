@@ -15,7 +15,7 @@ from lib_oms.engine import Z_SEED_OFFSET
 from lib_oms.errors import LatentSpaceError, ModuleFileError, TextEncoderError
 from lib_oms.module_files import load_module
 from oms_webui import environment, memory
-from oms_webui.args import ARGS, ArgumentError
+from oms_webui.args import ArgumentError
 from oms_webui.logic import offload_after_use
 from tests.factories import (
     random_state_dict,
@@ -30,7 +30,6 @@ from tests.hub_fixtures import populate
 from tests.webui_fakes import (
     FAMILIES,
     ROOT,
-    SIGMA_MAX,
     CompVisSampler,
     FakeSDModel,
     FlowSampler,
@@ -43,11 +42,30 @@ from tests.webui_fakes import (
     api_error,
     install,
     randn_local,
-    sd_alphas_cumprod,
 )
 
 ON = [True, "Automatic", "", "", 1.0, "SDE"]
 OFF = [False, "Automatic", "", "", 1.0, "SDE"]
+
+
+# The SD 1.x / 2.x noise schedule from its definition, not from the fakes: the expected starts below are x̂0 + σ·z
+# with σ read from here and x̂0 from the module file, whatever the fake samplers do with the noise they are given.
+def sd_alphas() -> torch.Tensor:
+    """ᾱ_t of SD 1.x / 2.x (float64): the "scaled linear" β schedule, √β evenly spaced from √0.00085 to √0.012 over
+    1000 timesteps."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+ALPHAS = sd_alphas()
+
+
+def sigma_of(t: int, alphas: torch.Tensor = ALPHAS) -> float:
+    """The VE noise level of timestep t: σ = √((1 − ᾱ_t) / ᾱ_t)."""
+    return math.sqrt((1 - float(alphas[t])) / float(alphas[t]))
+
+
+SD_SIGMA_MAX = sigma_of(999)  # where the WebUI's default k-diffusion schedules of an SD 1.x checkpoint start: 14.6146
 
 
 class HashEncoder:
@@ -122,6 +140,11 @@ def txt2img(sampler=None, seeds=(11,), prompts=None, **kwargs):
                                             sampler=sampler or KDiffusionSampler(), **kwargs)
 
 
+def plain_start(webui, seeds, **kwargs):
+    """Where the WebUI's sampler starts for this request without the extension."""
+    return webui.run(txt2img(seeds=seeds, **kwargs), OFF, with_script=False)[0]
+
+
 def unit_noise(seeds, shape=(4, 5, 6)):
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
@@ -163,7 +186,7 @@ def test_disabled_is_bit_identical_and_writes_nothing(monkeypatch, oms_dir, args
     webui = make_webui(monkeypatch, oms_dir, with_hook=with_hook)
     p = txt2img(seeds=[3, 4])
     start = webui.run(p, args)[0]
-    assert torch.equal(start, unit_noise([3, 4]) * SIGMA_MAX)
+    assert torch.equal(start, plain_start(webui, [3, 4]))
     assert p.extra_generation_params == {} and webui.errors == []
     assert p.sampler.calls == 0 and webui.loaded_encoders == {}
     assert not isinstance(p.rng, webui.script_module.FirstDraw)
@@ -173,28 +196,31 @@ def test_disabled_is_bit_identical_and_writes_nothing(monkeypatch, oms_dir, args
 # Scaling per sampler family: each turns the unit noise it is given into its start in its own way
 
 @pytest.mark.parametrize("sigma0, sgm, solver", [
-    (SIGMA_MAX, False, "SDE"),  # default schedulers
-    (11.03, True, "DDIM"),  # the "DDIM" scheduler at 20 steps
+    (SD_SIGMA_MAX, False, "SDE"),  # default schedulers: σ of timestep 999
+    (sigma_of(951), True, "DDIM"),  # the "DDIM" scheduler at 20 steps starts at timestep 951
     (14.615, False, "DDIM"),  # Align Your Steps
     (10.0, True, "SDE"),  # the "sigma max" setting
 ])
 def test_k_diffusion_starts_at_the_oms_latent(monkeypatch, oms_dir, sigma0, sgm, solver):
+    """The sampler starts at x̂0 + σ₀·ε (the SDE solver's fresh z, or DDIM's own noise), σ₀ the schedule's first
+    level, with and without the SGM noise multiplier (which scales the noise by √(1 + σ₀²) instead of σ₀)."""
     webui = make_webui(monkeypatch, oms_dir, opts={"sgm_noise_multiplier": sgm})
     p = txt2img(KDiffusionSampler(sigmas=torch.tensor([sigma0, 1.0, 0.0])), seeds=[5])
     start = webui.run(p, [True, "Automatic", "", "", 1.0, solver])[0]
     x0 = expected_x0(oms_dir, "oms_tiny_15_21", unit_noise([5]), ["a dark alley"])
     eps = fresh_z([5]) if solver == "SDE" else unit_noise([5])
-    sigma = float(torch.tensor(sigma0))
-    assert torch.allclose(start, x0 + sigma * eps, atol=1e-4)  # x_VE = x̂0 + σ₀·ε, whatever the multiplier
+    assert torch.allclose(start, x0 + sigma0 * eps, atol=1e-4)  # x_VE = x̂0 + σ₀·ε, whatever the multiplier
     assert webui.errors == []
 
 
 @pytest.mark.parametrize("funcname, first", [(ddim, 951), (plms, 951), (ddim_cfgpp, 951), (unipc, 999)])
 def test_timestep_samplers_start_at_the_oms_latent(webui, oms_dir, funcname, first):
+    """At 20 steps DDIM, PLMS and DDIM CFG++ start at timestep 951, UniPC at 999: the VP start there is
+    √ᾱ·x̂0 + √(1 − ᾱ)·z."""
     sampler = CompVisSampler(funcname)
     p = txt2img(sampler, seeds=[5], sampler_name=funcname.__name__)
     start = webui.run(p, ON)[0]
-    alpha = float(sampler.model_wrap.inner_model.alphas_cumprod[first])
+    alpha = float(ALPHAS[first])
     x0 = expected_x0(oms_dir, "oms_tiny_15_21", unit_noise([5]), ["a dark alley"])
     assert torch.allclose(start, math.sqrt(alpha) * x0 + math.sqrt(1 - alpha) * fresh_z([5]), atol=1e-5)
 
@@ -203,9 +229,9 @@ def test_timestep_sampler_of_a1111_1_6_reads_the_models_alphas(webui, oms_dir):
     """A1111 1.6-1.8's CompVisSampler has no model_wrap (the real 1.6.0 answered 'no attribute model_wrap')."""
     sampler = CompVisSampler(ddim, with_model_wrap=False)
     model = FakeSDModel()
-    model.alphas_cumprod = sd_alphas_cumprod() ** 1.1  # another schedule: the start must follow the model's
+    model.alphas_cumprod = (ALPHAS ** 1.1).float()  # another schedule: the start must follow the model's
     start = webui.run(txt2img(sampler, seeds=[5], sampler_name="ddim", sd_model=model), ON)[0]
-    alpha = float(model.alphas_cumprod[951])
+    alpha = float(ALPHAS[951] ** 1.1)
     x0 = expected_x0(oms_dir, "oms_tiny_15_21", unit_noise([5]), ["a dark alley"])
     assert torch.allclose(start, math.sqrt(alpha) * x0 + math.sqrt(1 - alpha) * fresh_z([5]), atol=1e-5)
 
@@ -260,7 +286,7 @@ def test_z_follows_variation_seed_and_seed_resize_as_the_webui_noise_does(webui,
     noise = image_rng_draw([5], [9], strength, resize)
     z = image_rng_draw([5], [9], strength, resize, offset=Z_SEED_OFFSET)
     x0 = expected_x0(oms_dir, "oms_tiny_15_21", noise, ["a dark alley"])
-    assert torch.allclose(start, x0 + SIGMA_MAX * z, atol=1e-4)
+    assert torch.allclose(start, x0 + SD_SIGMA_MAX * z, atol=1e-4)
     plain_z, plain_noise = fresh_z([5]), unit_noise([5])
     assert not torch.allclose(z, noise, atol=0.5)  # never the WebUI's own draw
     z_change = float((z - plain_z).norm() / plain_z.norm())
@@ -275,7 +301,7 @@ def test_variation_batch_gives_each_image_its_own_z(webui, oms_dir):
     batch = webui.run(p, ON)[0]
     assert p.all_seeds == [5, 5] and p.all_subseeds == [9, 10]
     z = (batch - expected_x0(oms_dir, "oms_tiny_15_21", image_rng_draw([5, 5], [9, 10], 0.5), ["a dark alley"] * 2))
-    z = z / SIGMA_MAX
+    z = z / SD_SIGMA_MAX
     assert torch.allclose(z, image_rng_draw([5, 5], [9, 10], 0.5, offset=Z_SEED_OFFSET), atol=1e-5)
     assert float((z[0] - z[1]).norm() / z[0].norm()) > 0.3
     second_alone = webui.run(variation_txt2img(subseed=10), ON)[0]
@@ -287,7 +313,7 @@ def test_without_variation_z_is_the_seed_draw_of_before(webui, oms_dir):
     draw at strength 0 equals randn_local(seed) for every noise source): existing images stay reproducible."""
     start = webui.run(variation_txt2img(strength=0.0, batch_size=2), ON)[0]
     x0 = expected_x0(oms_dir, "oms_tiny_15_21", unit_noise([5, 6]), ["a dark alley"] * 2)
-    assert torch.allclose(start, x0 + SIGMA_MAX * fresh_z([5, 6]), atol=1e-4)
+    assert torch.allclose(start, x0 + SD_SIGMA_MAX * fresh_z([5, 6]), atol=1e-4)
 
 
 @pytest.mark.parametrize("with_hook", [True, False])
@@ -424,15 +450,13 @@ def test_prompts_longer_than_the_encoder_reads_are_said_once(webui, capsys):
     (dict(sampler=FlowSampler()), "neither"),
 ])
 def test_skips_are_said_once_and_leave_the_noise(webui, capsys, p_kwargs, reason):
+    if isinstance(p_kwargs.get("sampler"), FlowSampler):
+        p_kwargs["sampler"].start = lambda p, x, opts: x
     p = txt2img(seeds=[9], **p_kwargs)
-    if isinstance(p.sampler, FlowSampler):
-        p.sampler.start = lambda p, x, opts: x
     start = webui.run(p, ON, batches=1)[0]
     assert reason in p.extra_generation_params["OMS skipped"]
     assert "OMS" not in p.extra_generation_params and webui.errors == []
-    plain = unit_noise([9], (p.sd_model.latent_channels, 5, 6))
-    plain = plain if isinstance(p.sampler, FlowSampler) else plain * p.sampler.sigmas[0]
-    assert torch.equal(start, plain)
+    assert torch.equal(start, plain_start(webui, [9], **p_kwargs))
     assert capsys.readouterr().out.count("skipped") == 1
 
 
@@ -446,7 +470,7 @@ def test_zero_terminal_snr_setting_skips_before_loading(monkeypatch, oms_dir):
 def test_interrupted_generation_does_no_oms_work(webui):
     webui.modules["shared"].state.interrupted = True
     p = txt2img(seeds=[2])
-    assert torch.equal(webui.run(p, ON)[0], unit_noise([2]) * SIGMA_MAX)
+    assert torch.equal(webui.run(p, ON)[0], plain_start(webui, [2]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -458,6 +482,7 @@ def inpainting(seeds, fill, **kwargs):
     nmask = torch.zeros(4, 5, 6)
     nmask[:, 1:4, 2:5] = 1
     filled = torch.zeros_like(image) if fill == 3 else unit_noise(seeds)
+    kwargs = {"image_mask": "a mask", "denoising_strength": 1.0, **kwargs}  # the request's mask, made p.image_mask
     return StableDiffusionProcessingImg2Img(
         sd_model=FakeSDModel(), all_seeds=list(seeds), all_prompts=["a dark room"] * len(seeds),
         batch_size=len(seeds), sampler=kwargs.pop("sampler", KDiffusionSampler()), inpainting_fill=fill,
@@ -467,17 +492,21 @@ def inpainting(seeds, fill, **kwargs):
 @pytest.mark.parametrize("fill", [2, 3])
 @pytest.mark.parametrize("sampler", [KDiffusionSampler(), CompVisSampler(ddim)])
 def test_inpainting_from_pure_noise_starts_the_mask_at_the_oms_latent(webui, oms_dir, fill, sampler):
+    """Denoising strength 1 at 20 steps starts where txt2img does: k-diffusion at σ of timestep 999, DDIM at
+    timestep 951 (VP there, √ᾱ·x: read back in VE units as x / √ᾱ). Inside the mask the start is x̂0 + σ·z;
+    outside it is the one the WebUI makes without OMS."""
     p = inpainting([4], fill, sampler=sampler)
     start = webui.run(p, ON)[0]
+    plain = webui.run(inpainting([4], fill, sampler=sampler), OFF, with_script=False)[0]
     inside = p.nmask.bool().expand(1, -1, -1, -1)
-    if isinstance(sampler, CompVisSampler):  # VP latent at timesteps[t_enc] → k-diffusion units
-        alpha = float(sampler.model_wrap.inner_model.alphas_cumprod[sampler.get_timesteps(p, 20)[19]])
-        sigma, start = math.sqrt((1 - alpha) / alpha), start / math.sqrt(alpha)
+    if isinstance(sampler, CompVisSampler):
+        alpha = float(ALPHAS[951])
+        sigma, start, plain = sigma_of(951), start / math.sqrt(alpha), plain / math.sqrt(alpha)
     else:
-        sigma = float(p.sampler.sigmas[0])
+        sigma = SD_SIGMA_MAX
     x0 = expected_x0(oms_dir, "oms_tiny_15_21", unit_noise([4]), ["a dark room"])
     assert torch.allclose(start[inside], (x0 + sigma * fresh_z([4]))[inside], atol=1e-4)
-    assert torch.allclose(start[~inside], (p.init_latent + sigma * unit_noise([4]))[~inside], atol=1e-5)
+    assert torch.allclose(start[~inside], plain[~inside], atol=1e-5)
 
 
 @pytest.mark.parametrize("change", [dict(denoising_strength=0.75), dict(image_mask=None), dict(fill=1),
@@ -570,13 +599,14 @@ def empty_models(tmp_path):
 def test_first_use_downloads_the_module_and_text_encoder_then_generates(monkeypatch, tmp_path, hub):
     folder = empty_models(tmp_path)
     webui = make_webui(monkeypatch, folder)
-    webui.modules["shared"].state = state = ProgressState(interrupted=False, skipped=False, textinfo=None)
+    webui.modules["shared"].state = state = ProgressState(interrupted=False, skipped=False,
+                                                          stopping_generation=False, textinfo=None)
     p = txt2img(seeds=[5])
     start = webui.run(p, ON)[0]
     assert webui.errors == [] and p.extra_generation_params["OMS"] is True
     assert p.extra_generation_params["OMS module"].startswith("oms_b_openclip_15_21 [")
     x0 = expected_x0(folder, "oms_b_openclip_15_21", unit_noise([5]), ["a dark alley"])
-    assert torch.allclose(start, x0 + SIGMA_MAX * fresh_z([5]), atol=1e-4)
+    assert torch.allclose(start, x0 + SD_SIGMA_MAX * fresh_z([5]), atol=1e-4)
     assert webui.loaded_encoders == {"openclip-h": [folder / "text_encoder"]}
     assert any("downloading the OMS module" in text for text in state.texts)
     assert any("downloading the OpenCLIP ViT-H/14 text encoder" in text for text in state.texts)
@@ -657,15 +687,57 @@ def test_errors_during_sampling_stop_the_generation(monkeypatch, oms_dir, with_h
 # ---------------------------------------------------------------------------------------------------------------
 # UI, settings, X/Y/Z, caches
 
-def test_ui_components_follow_the_argument_order(webui):
+# What a user sets on each control, by the label the control shows, and the same arguments in the API's dict form.
+BY_LABEL = {"One More Step": True, "OMS module": "oms_tiny_15_21", "OMS prompt": "night, (rain:1.2)",
+            "OMS negative prompt": "blurry", "OMS CFG": 2.5, "OMS solver": "DDIM"}
+AS_DICT = {"enabled": True, "module": "oms_tiny_15_21", "prompt": "night, (rain:1.2)", "negative_prompt": "blurry",
+           "cfg": 2.5, "solver": "DDIM"}
+
+
+@pytest.mark.parametrize("is_img2img", [False, True])
+def test_values_the_ui_passes_back_make_the_generation_their_labels_say(webui, is_img2img):
+    """The WebUI hands a script the values of its ui() components in the order ui() returned them: the values a user
+    sets on the controls labelled "OMS CFG", "OMS solver", ... make the generation the API's dict form of the same
+    arguments makes (same start, same infotext); the untouched controls leave the generation as without OMS."""
+    script = webui.script(is_img2img)
+    components = script.ui(is_img2img)
+    p = txt2img(seeds=[6])
+    assert torch.equal(webui.run(p, [c.value for c in components])[0], plain_start(webui, [6]))
+    assert p.extra_generation_params == {} and webui.errors == []
+    by_label = {c.label: c for c in components}
+    assert set(by_label) == set(BY_LABEL), f"controls of ui(): {list(by_label)}"
+    assert by_label["OMS module"].kwargs["choices"] == ["Automatic", "oms_tiny_15_21", "oms_tiny_xl"]
+    for label, value in BY_LABEL.items():
+        by_label[label].value = value
+    from_ui, from_api = txt2img(seeds=[6]), txt2img(seeds=[6])
+    ui_start = webui.run(from_ui, [c.value for c in components])[0]
+    assert torch.equal(ui_start, webui.run(from_api, [AS_DICT])[0]) and webui.errors == []
+    assert from_ui.extra_generation_params == from_api.extra_generation_params
+    assert from_ui.extra_generation_params["OMS CFG"] == 2.5 and from_ui.extra_generation_params["OMS solver"] == "DDIM"
+
+
+def test_a_pasted_infotext_sets_the_controls_to_the_generation_it_describes(webui):
+    """Pasting parameters: the WebUI sets each control of ``infotext_fields`` to what its function reads from the
+    parsed infotext (None leaves the control as it is); the values then passed back remake the image the infotext
+    came from. An infotext without OMS unticks it."""
+    original = txt2img(seeds=[6])
+    start = webui.run(original, [AS_DICT])[0]
+    params = {key: str(value) for key, value in original.extra_generation_params.items()}  # written, read as text
     script = webui.script()
     components = script.ui(False)
-    assert [c.label for c in components] == [arg.label for arg in ARGS]
-    assert [c.value for c in components] == [arg.default for arg in ARGS]
-    assert components[1].kwargs["choices"] == ["Automatic", "oms_tiny_15_21", "oms_tiny_xl"]
-    params = {"OMS": "True", "OMS module": "oms_tiny_xl [0123456789]", "OMS CFG": "2.5"}
-    assert [fn(params) for _, fn in script.infotext_fields] == [True, "oms_tiny_xl [0123456789]", "", "", 2.5, None]
-    assert script.title() == "One More Step" and script.show(True) is webui.modules["scripts"].AlwaysVisible
+    components[0].value, components[2].value, components[4].value = False, "something else", 7.0
+    for component, read in script.infotext_fields:
+        value = read(params)
+        if value is not None:
+            component.value = value
+    assert torch.equal(webui.run(txt2img(seeds=[6]), [c.value for c in components])[0], start)
+    for component, read in script.infotext_fields:
+        value = read({"Steps": "20"})
+        if value is not None:
+            component.value = value
+    p = txt2img(seeds=[6])
+    assert torch.equal(webui.run(p, [c.value for c in components])[0], plain_start(webui, [6]))
+    assert p.extra_generation_params == {}
 
 
 def test_automatic_loads_only_the_module_it_chooses(monkeypatch, tmp_path):
@@ -695,25 +767,87 @@ def test_automatic_loads_only_the_module_it_chooses(monkeypatch, tmp_path):
     assert loaded == ["bbb_unnamed", "aaa_unnamed"] and p.extra_generation_params["OMS module"].startswith("aaa_")
 
 
-def test_settings_and_callbacks_registered(webui):
-    registered = webui.modules["script_callbacks"].registered
-    assert [len(registered[k]) for k in ("ui_settings", "before_ui", "model_loaded")] == [1, 1, 0]
-    registered["ui_settings"][0]()
-    added = webui.opts.added
-    assert set(added) == {"oms_module_sd", "oms_module_sdxl", "oms_auto_download", "oms_text_encoder_path",
-                          "oms_text_encoder_layer", "oms_keep_in_vram", "oms_precision"}
-    assert added["oms_auto_download"].default is True
-    assert all(info.kwargs["section"] == ("oms", "One More Step") for info in added.values())
+def change_setting(webui, label_start: str, value) -> None:
+    """A user changing, in the Settings tab, the setting whose label starts with ``label_start``: the WebUI saves the
+    value into opts under the key the setting was registered with."""
+    found = [key for key, info in webui.opts.added.items() if info.label.startswith(label_start)]
+    assert len(found) == 1, f"settings labelled {label_start!r}...: {found}"
+    webui.opts.data[found[0]] = value
+
+
+def two_sd_modules(tmp_path):
+    folder = tmp_path / "models" / "oms"
+    config = tiny_unet_config()
+    for seed, name in enumerate(("aaa_sd", "bbb_sd"), start=1):
+        write_released_folder(folder, name, config, random_state_dict(config, seed=seed), latent_space="sd",
+                              text_encoder="openclip-h")
+    (folder / "text_encoder").mkdir()
+    (folder / "text_encoder" / "model.safetensors").write_bytes(b"not read: the loader is replaced by HashEncoder")
+    return folder
+
+
+def test_the_module_setting_is_what_automatic_uses(monkeypatch, tmp_path):
+    webui = make_webui(monkeypatch, two_sd_modules(tmp_path))
+    webui.build_ui()
+    p = txt2img()
+    webui.run(p, ON)
+    assert p.extra_generation_params["OMS module"].startswith("aaa_sd [")  # Automatic: the first found
+    change_setting(webui, "Module used for SD1.x/SD2.x checkpoints", "bbb_sd")
+    p = txt2img()
+    webui.run(p, ON)
+    assert p.extra_generation_params["OMS module"].startswith("bbb_sd [") and webui.errors == []
+    change_setting(webui, "Module used for SDXL checkpoints", "aaa_sd")  # another latent space's: not read here
+    p = txt2img()
+    webui.run(p, ON)
+    assert p.extra_generation_params["OMS module"].startswith("bbb_sd [")
+
+
+def test_download_setting_refuses_downloads_in_the_words_of_the_settings_tab(monkeypatch, tmp_path, hub):
+    """Turned off in the Settings tab, a missing module is not downloaded, and the error names the setting as the
+    tab shows it (its section, then its label)."""
+    webui = make_webui(monkeypatch, empty_models(tmp_path))
+    webui.build_ui()
+    change_setting(webui, "Download missing OMS files automatically", False)
+    with pytest.raises(HTTPException, match="h1t/oms_b_openclip_15_21") as raised:
+        webui.run(txt2img(), ON)
+    (info,) = [info for info in webui.opts.added.values() if info.label.startswith("Download missing")]
+    shown = f"Settings > {info.kwargs['section'][1]} > {info.label.split(' (')[0]}"
+    assert shown in str(raised.value.error) and hub.requests == []
+
+
+@pytest.mark.parametrize("precision, unet_dtype, dtype", [
+    ("Automatic", torch.float16, torch.float16), ("Automatic", torch.float32, torch.float32),
+    ("fp32", torch.float16, torch.float32), ("fp16", torch.float32, torch.float16)])
+def test_precision_setting_sets_the_dtype_of_the_step_on_a_gpu(webui, precision, unet_dtype, dtype):
+    """Automatic follows the WebUI's model (fp32 with A1111's --no-half); fp16 and fp32 say which."""
+    webui.build_ui()
+    devices = webui.modules["devices"]
+    devices.get_device_for, devices.dtype_unet = (lambda task: torch.device("cuda")), unet_dtype
+    change_setting(webui, "Precision of the module and text encoder", precision)
+    assert webui.script_module.device_and_dtype() == (torch.device("cuda"), dtype)
+
+
+def test_the_axes_and_the_api_check_come_with_the_webuis_callbacks(webui):
+    """The X/Y/Z axes appear when the WebUI builds its UI; the API check once the app has started."""
+    xyz = add_xyz_script(webui)
+    webui.build_ui()
+    assert [opt.label for opt in xyz.axis_options][1:] == ["[OMS] Enabled", "[OMS] Module", "[OMS] Prompt",
+                                                          "[OMS] CFG", "[OMS] Solver"]
+    app, got = started_app(webui)
+    status, _answer = asgi_post(app, "/sdapi/v1/txt2img", b'{"alwayson_scripts": {"One More Step": {"args": {}}}}')
+    assert status == 422 and got == []
 
 
 @pytest.fixture
 def xyz(webui):
-    return add_xyz_script(webui)
+    """The X/Y/Z plot script, with the OMS axes the extension adds while the WebUI builds its UI."""
+    module = add_xyz_script(webui)
+    webui.build_ui()
+    return module
 
 
 def test_xyz_axes_registered_once(webui, xyz):
-    webui.script_module.xyz.register_axes()
-    webui.script_module.xyz.register_axes()
+    webui.script_module.xyz.register_axes()  # the UI built again (a reload)
     labels = [opt.label for opt in xyz.axis_options]
     assert labels == ["Seed", "[OMS] Enabled", "[OMS] Module", "[OMS] Prompt", "[OMS] CFG", "[OMS] Solver"]
     assert xyz.axis_options[2].choices() == ["Automatic", "oms_tiny_15_21", "oms_tiny_xl"]
@@ -722,14 +856,13 @@ def test_xyz_axes_registered_once(webui, xyz):
 
 
 def test_xyz_cells_override_the_ui(webui, xyz):
-    webui.script_module.xyz.register_axes()
     axes = {opt.label: opt for opt in xyz.axis_options}
     p = txt2img(seeds=[1])
     axes["[OMS] Enabled"].apply(p, "True", None)
     axes["[OMS] CFG"].apply(p, 2.0, None)
     start = webui.run(p, OFF)[0]
     assert p.extra_generation_params["OMS CFG"] == 2.0
-    assert not torch.equal(start, unit_noise([1]) * SIGMA_MAX)
+    assert not torch.equal(start, plain_start(webui, [1]))
     cell = txt2img(seeds=[1])
     axes["[OMS] Enabled"].apply(cell, "False", None)
     webui.run(cell, ON)
@@ -737,7 +870,6 @@ def test_xyz_cells_override_the_ui(webui, xyz):
 
 
 def xyz_axes(webui, xyz):
-    webui.script_module.xyz.register_axes()
     return {opt.label: opt for opt in xyz.axis_options}
 
 
@@ -757,7 +889,7 @@ def test_xyz_cells_describe_only_themselves_in_either_order(webui, xyz, order):
                 == {"OMS": True, "OMS prompt": "night", "OMS CFG": 1.5, "OMS solver": "DDIM",
                     "OMS first pass only": "hires fix second pass"}
         else:
-            assert torch.equal(start, unit_noise([1]) * SIGMA_MAX)
+            assert torch.equal(start, plain_start(webui, [1], enable_hr=True))
             assert infotext == {}, f"cell {ix} ({enabled}) carries {infotext}"
 
 
@@ -767,7 +899,7 @@ def test_xyz_enabled_by_cfg_cells_each_say_their_own_cfg(webui, xyz):
                            (axes["[OMS] CFG"], [1.0, 2.0]))
     for iy, cfg in enumerate([1.0, 2.0]):
         off_start, off_infotext = cells[0, iy]
-        assert off_infotext == {} and torch.equal(off_start, unit_noise([4]) * SIGMA_MAX)
+        assert off_infotext == {} and torch.equal(off_start, plain_start(webui, [4]))
         on_start, on_infotext = cells[1, iy]
         assert on_infotext["OMS"] is True and on_infotext["OMS CFG"] == cfg
         assert torch.equal(on_start, webui.run(txt2img(seeds=[4]), [True, "Automatic", "", "", cfg, "SDE"])[0])
@@ -778,21 +910,19 @@ def test_xyz_enabled_by_cfg_cells_each_say_their_own_cfg(webui, xyz):
                                              ("[OMS] Module", "oms_tiny_15_21", "OMS module")])
 def test_a_cell_of_an_oms_axis_turns_oms_on(webui, xyz, axis, value, key):
     """As an "[OMS] Enabled: True" cell does, unless an [OMS] Enabled axis says otherwise."""
-    webui.script_module.xyz.register_axes()
     axes = {opt.label: opt for opt in xyz.axis_options}
     p = txt2img(seeds=[1])
     axes[axis].apply(p, value, None)
     start = webui.run(p, OFF)[0]
     assert p.extra_generation_params["OMS"] is True and str(value) in str(p.extra_generation_params[key])
-    assert not torch.equal(start, unit_noise([1]) * SIGMA_MAX)
+    assert not torch.equal(start, plain_start(webui, [1]))
     off = txt2img(seeds=[1])
     axes[axis].apply(off, value, None)
     axes["[OMS] Enabled"].apply(off, "False", None)
-    assert torch.equal(webui.run(off, ON)[0], unit_noise([1]) * SIGMA_MAX) and off.extra_generation_params == {}
+    assert torch.equal(webui.run(off, ON)[0], plain_start(webui, [1])) and off.extra_generation_params == {}
 
 
 def test_bad_xyz_values_get_the_extension_message_before_the_grid(webui, xyz):
-    webui.script_module.xyz.register_axes()
     axes = {opt.label: opt for opt in xyz.axis_options}
     cfg = axes["[OMS] CFG"]
     assert cfg.type is float and cfg.prepare("1, 1.5-2.5 (+0.5), 2-3 [3]") == ["1", "1.5-2.5 (+0.5)", "2-3 [3]"]
@@ -809,7 +939,7 @@ def test_bad_xyz_values_get_the_extension_message_before_the_grid(webui, xyz):
 def test_send_to_img2img_carries_the_oms_controls(webui):
     """infotext_utils.register_paste_params_button: sending to another tab copies the source tab's fields whose
     name is in the target tab's paste_field_names to the target's fields of the same names."""
-    txt2img_script, img2img_script = webui.script(), webui.script()
+    txt2img_script, img2img_script = webui.script(), webui.script(is_img2img=True)
     sources, targets = txt2img_script.ui(False), img2img_script.ui(True)
     names = ["Prompt", "Negative prompt", "Steps", "Face restoration"] + img2img_script.paste_field_names
     inputs = [field for field, name in txt2img_script.infotext_fields if name in names]
@@ -982,13 +1112,14 @@ def test_the_check_is_added_whether_the_app_rebuilds_its_stack_or_refuses(webui,
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_oms_works_on_every_webui_family(monkeypatch, oms_dir, family):
-    """Forge Classic and Forge Neo have no modules.lowvram: every OMS generation failed there with ImportError."""
+    """Forge Classic and Forge Neo have no modules.lowvram: every OMS generation failed there with ImportError. Each
+    family's model has only the attributes its WebUI's has (Forge Neo's: no is_sd2, latent_channels, lowvram)."""
     webui = make_webui(monkeypatch, oms_dir, family=family)
     assert ("lowvram" in webui.modules) == FAMILIES[family].has_lowvram
-    p = txt2img(seeds=[5])
+    p = txt2img(seeds=[5], sd_model=FakeSDModel(webui=family))
     start = webui.run(p, ON)[0]
     x0 = expected_x0(oms_dir, "oms_tiny_15_21", unit_noise([5]), ["a dark alley"])
-    assert webui.errors == [] and torch.allclose(start, x0 + SIGMA_MAX * fresh_z([5]), atol=1e-4)
+    assert webui.errors == [] and torch.allclose(start, x0 + SD_SIGMA_MAX * fresh_z([5]), atol=1e-4)
     assert "OMS" in p.extra_generation_params
     manager = webui.memory_manager
     assert (manager is None) == (FAMILIES[family].manager is None)
@@ -1007,8 +1138,9 @@ def test_forge_low_vram_states_offload_after_the_step(monkeypatch, oms_dir, fami
     webui = make_webui(monkeypatch, oms_dir, family=family)
     manager = webui.memory_manager
     manager.vram_state = manager.VRAMState[state]
-    sd_model = FakeSDModel()
-    del sd_model.lowvram  # the Forge family's model has no A1111 lowvram flag
+    sd_model = FakeSDModel(webui=family)
+    if hasattr(sd_model, "lowvram"):  # Forge and reForge were not checked: their models taken as Classic's
+        del sd_model.lowvram  # the Forge family's model has no A1111 lowvram flag
     plan = webui.script_module.prepare(txt2img(sd_model=sd_model), webui.script_module.parse_script_args(ON))
     assert plan.placement.low_vram == low
     assert offload_after_use(True, plan.placement.low_vram, "cuda") == low

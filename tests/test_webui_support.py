@@ -144,3 +144,72 @@ def test_fake_prompt_parser_reads_the_first_step_as_the_webui(real_prompt_parser
                                            if (chunk, weight) != ("BREAK", -1)) for step in steps]
 
     assert first_step_words(fake) == first_step_words(real_prompt_parser)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fakes_drift.py and the probe extension (tests/webui/probe/): what test_webui_fakes_match.py compares, on the fakes
+
+import copy  # noqa: E402
+
+import fakes_drift as drift  # noqa: E402
+
+from tests.webui_fakes import FAKES_OWN, FAMILIES, REQUEST_FIELDS  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fake_records(tmp_path_factory):
+    return {family: drift.probe_the_fakes(family, tmp_path_factory.mktemp(family)) for family in FAMILIES}
+
+
+def every_drift(fake, host, family):
+    read = drift.read_by_the_extension()
+    return (drift.family_drift(family, host, FAMILIES) + drift.processing_drift(fake, host, read, REQUEST_FIELDS)
+            + drift.sampler_and_model_drift(fake, host, read) + drift.shared_drift(fake, host, read)
+            + drift.opts_drift(fake, host) + drift.modules_drift(fake, host, FAKES_OWN)
+            + drift.manager_drift(fake, host) + drift.callbacks_drift(fake, host)
+            + drift.script_and_xyz_drift(fake, host)
+            + drift.elem_ids_drift(set(fake["elem_ids"]), set(host["elem_ids"])))
+
+
+def test_the_extension_reads_what_the_fakes_must_offer():
+    read = drift.read_by_the_extension()
+    assert {"firstpass_image", "refiner_switch_at", "image_mask", "rng", "seeds"} <= read["p"]
+    assert read["cmd_opts"] == {"oms_models_dir", "oms_no_download", "use_cpu"}
+    assert read["state"] == {"interrupted", "skipped", "stopping_generation"}
+    assert {"get_device_for", "dtype_unet", "torch_gc"} <= read["devices"]
+    assert {"funcname", "get_sigmas", "get_timesteps", "model_wrap"} <= read["sampler"]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_probe_in_the_fakes_records_their_family(fake_records, family):
+    record = fake_records[family]
+    assert every_drift(record, record, family) == []
+    assert sorted(record["generations"]) == sorted(drift.GENERATIONS)
+    assert record["generations"]["txt2img DDIM"]["sampler"]["timesteps"]
+    assert "script_img2img_one_more_step_enabled-checkbox" in record["elem_ids"]
+
+
+def test_drift_names_each_difference(fake_records):
+    fake = fake_records["a1111"]
+    host = copy.deepcopy(fake)
+    del host["state"]["defaults"]["stopping_generation"]
+    host["processing"]["img2img"]["values"]["inpainting_fill"] = 3
+    host["generations"]["txt2img Euler a"]["p"].remove("firstpass_image")
+    host["modules"]["names"]["modules.rng"].remove("ImageRNG")
+    host["modules"]["present"]["modules.lowvram"] = False
+    host["xyz"]["axis_option"] = host["xyz"]["axis_option"][:-1]  # a WebUI without prepare
+    host["callbacks"]["by_one_more_step"].pop("callbacks_before_ui")
+    host["opts"]["randn_source"] = "CPU"
+    host["elem_ids"] = [i.replace("script_txt2img_", "script_") for i in host["elem_ids"]]
+    lines = every_drift(fake, host, "a1111")
+    for words in ("shared.state.stopping_generation: the fake has it, the WebUI does not",
+                  "StableDiffusionProcessingImg2Img.inpainting_fill: the WebUI's default is 3, the fake's 0",
+                  "p (txt2img Euler a, at the first draw).firstpass_image: the fake has it, the WebUI does not",
+                  "modules.rng.ImageRNG: the fake has it, the WebUI does not",
+                  "modules.lowvram: the WebUI lacks it, the fake has it",
+                  "FAMILIES['a1111'].has_lowvram is True; the WebUI lacks modules.lowvram",
+                  "AxisOption parameters", "callbacks One More Step registered",
+                  "shared.opts['randn_source']: the WebUI's default is 'CPU', the fake's 'GPU'",
+                  "element id 'script_one_more_step_cfg': the WebUI makes it, the fakes do not",
+                  "element id 'script_txt2img_one_more_step_cfg': the fakes make it, the WebUI does not"):
+        assert any(words in line for line in lines), (words, lines)

@@ -40,9 +40,21 @@ def sd_alphas_cumprod() -> torch.Tensor:
 # gradio
 
 class Component:
+    """A gradio component as far as the extension makes one; every component made while ``made`` is a list is
+    appended to it (WebUI.elem_ids reads the ids a script's ui() gives its components)."""
+
+    made: list | None = None
+
     def __init__(self, value=None, label=None, **kwargs):
         self.value, self.label, self.kwargs = value, label, kwargs
         self.value = kwargs.get("value", value)
+        if Component.made is not None:
+            Component.made.append(self)
+
+    @property
+    def elem_ids(self) -> list[str]:
+        """The ids of the HTML elements the WebUI makes for this component."""
+        return [self.kwargs["elem_id"]] if self.kwargs.get("elem_id") else []
 
     def __enter__(self):
         return self
@@ -248,6 +260,8 @@ class KDiffusionSampler:
         self.funcname = funcname
         self.sigmas = sigmas if sigmas is not None else torch.tensor([SIGMA_MAX, 7.0, 3.0, 1.0, 0.3, 0.0])
         self.calls = 0
+        # k-diffusion's denoiser around the model, whose ᾱ it holds (the extension reads it on timestep samplers only)
+        self.model_wrap = types.SimpleNamespace(inner_model=types.SimpleNamespace(alphas_cumprod=sd_alphas_cumprod()))
 
     def get_sigmas(self, p, steps):
         self.calls += 1
@@ -389,31 +403,55 @@ class ImageRNG:
 
 
 class FakeSDModel:
-    def __init__(self, family="sd1", latent_channels=4, checkpoint=""):
+    """The loaded model (shared.sd_model, p.sd_model) as far as the extension reads it: the family flags, the latent
+    channels, A1111's low-VRAM flag, ᾱ, the checkpoint file, the text encoder (cond_stage_model; SDXL's conditioner)
+    and state_dict().
+
+    ``webui``: the WebUI family (FAMILIES) whose model it is: the attributes its model lacks are left out.
+    Checked against A1111 1.10.1, Forge Classic 1f95d71 and Forge Neo 5692d2d with an SD 1.5 checkpoint; covered by
+    test_webui_fakes_match.py::test_sampler_and_model_have_what_the_webuis_have."""
+
+    def __init__(self, family="sd1", latent_channels=4, checkpoint="", webui="a1111"):
         self.is_sd1, self.is_sd2, self.is_sdxl = family == "sd1", family == "sd2", family in ("sdxl", "sdxl-refiner")
         self.is_sd3 = family == "sd3"
         self.latent_channels = latent_channels
         self.lowvram = False
         self.alphas_cumprod = sd_alphas_cumprod()  # LatentDiffusion's buffer
         self.sd_checkpoint_info = types.SimpleNamespace(filename=checkpoint)
+        self.cond_stage_model = types.SimpleNamespace()  # its weights are read from the checkpoint file in the tests
         if self.is_sdxl:
             keys = ["txt"] if family == "sdxl-refiner" else ["txt", "txt"]
             embedders = [types.SimpleNamespace(input_key=k) for k in keys + ["original_size_as_tuple"]]
             self.conditioner = types.SimpleNamespace(embedders=embedders)
 
+        self.state_dict = dict  # nn.Module's: {} here, as the tests give every checkpoint a file, which is read
+        for name in FAMILIES[webui].model_lacks:
+            delattr(self, name)
+
+
+# The fields of ``p`` that every request sets (the API and the UI always send them) or that process_images sets
+# before the scripts read them: their values in Processing are the tests' own, not the WebUI's defaults.
+REQUEST_FIELDS = frozenset({"prompt", "seed", "subseed", "steps", "width", "height", "sampler_name", "batch_size",
+                            "sd_model", "sampler", "all_prompts", "all_seeds", "all_subseeds", "script_args"})
+
 
 @dataclass
 class Processing:
-    """The fields of StableDiffusionProcessing the extension reads."""
+    """The fields of StableDiffusionProcessing the extension reads. Every field outside REQUEST_FIELDS has the
+    WebUI's own default, as a ``p`` made without arguments has it after its ``__post_init__`` (so
+    ``extra_generation_params`` is {}); ``mode`` is the fake's own (the fake samplers read it).
+
+    Checked against A1111 1.10.1, Forge Classic 1f95d71 and Forge Neo 5692d2d (modules/processing.py); covered by
+    test_webui_fakes_match.py::test_processing_has_what_the_webui_has."""
 
     sd_model: object = None
     prompt: str = "a dark alley"
     all_prompts: list = field(default_factory=list)
     seed: int = 11
     subseed: int = 1
-    subseed_strength: float = 0.0
-    seed_resize_from_h: int = 0
-    seed_resize_from_w: int = 0
+    subseed_strength: float = 0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
     all_seeds: list = field(default_factory=list)
     all_subseeds: list = field(default_factory=list)
     batch_size: int = 1
@@ -424,56 +462,123 @@ class Processing:
     sampler: object = None
     extra_generation_params: dict = field(default_factory=dict)
     script_args: tuple = ()
-    enable_hr: bool = False
     is_hr_pass: bool = False
     refiner_checkpoint: str | None = None
-    refiner_switch_at: float = 1.0
+    refiner_switch_at: float | None = None
+    firstpass_image: object = None  # a PIL image: hires fix of an image given instead of a first pass
+    # set by process_images for each batch (WebUI.run does)
+    prompts: list | None = None
+    seeds: list | None = None
+    subseeds: list | None = None
+    rng: object = None
     mode: str = "txt2img"
 
 
+@dataclass
 class StableDiffusionProcessingTxt2Img(Processing):
-    pass
+    enable_hr: bool = False
+    denoising_strength: float = 0.75
 
 
 @dataclass
 class StableDiffusionProcessingImg2Img(Processing):
+    """``image_mask`` is what the request's ``mask`` becomes in ``__post_init__`` (None without one);
+    ``initial_noise_multiplier`` is the setting's value there (its default, 1.0) unless the request gives one."""
+
     mode: str = "img2img"
-    image_mask: object = "mask"
-    inpainting_fill: int = 3
-    denoising_strength: float = 1.0
+    image_mask: object = None
+    inpainting_fill: int = 0
+    denoising_strength: float = 0.75
     initial_noise_multiplier: float = 1.0
     init_latent: torch.Tensor | None = None
     nmask: torch.Tensor | None = None
 
 
 class Script:
-    """modules.scripts.Script of A1111 1.10 (with_hook=True) or 1.6–1.9 (without process_before_every_sampling)."""
+    """modules.scripts.Script of A1111 1.10 (with_hook=True) or 1.6–1.9 (without process_before_every_sampling). The
+    WebUI sets ``is_txt2img`` and ``is_img2img`` on each instance before it calls ``ui()`` (WebUI.script does).
 
+    ``elem_id``: "script_", then the tab ("txt2img_" or "img2img_") only when ``show(True) == show(False)`` (a script
+    shown alike in both tabs, as an AlwaysVisible one is), then the title lower-cased with each whitespace character
+    made "_" and every character other than a-z, 0-9 and "_" dropped, then "_" and the item id.
+    Checked against A1111 1.10.1, Forge Classic 1f95d71 and Forge Neo 5692d2d (modules/scripts.py Script.elem_id and
+    ScriptRunner.initialize_scripts); covered by test_webui_fakes_match.py::test_elem_ids_are_the_webuis, and by
+    test_webui_browser.py, whose selectors (and javascript/oms_hints.js) use the real ids."""
+
+    is_txt2img = False
+    is_img2img = False
     infotext_fields = None
     paste_field_names = None
 
+    def title(self):
+        raise NotImplementedError
+
+    def show(self, is_img2img):
+        return True
+
+    def process(self, p, *args):
+        pass
+
+    def process_batch(self, p, *args, **kwargs):
+        pass
+
     def elem_id(self, item_id):
-        return f"script_oms_{item_id}"
+        tab = ("img2img_" if self.is_img2img else "txt2img_") if self.show(True) == self.show(False) else ""
+        title = re.sub(r"[^0-9a-z_]", "", "".join("_" if char.isspace() else char for char in self.title().lower()))
+        return f"script_{tab}{title}_{item_id}"
+
+
+class InputAccordion(Component):
+    """modules.ui_components.InputAccordion: the component is the accordion's checkbox, whose element id is the given
+    one + "-checkbox"; the accordion around it has the given id.
+    Checked against A1111 1.10.1 and Forge Neo 5692d2d (modules/ui_components.py); covered by
+    test_webui_fakes_match.py::test_elem_ids_are_the_webuis."""
+
+    @property
+    def elem_ids(self) -> list[str]:
+        given = self.kwargs.get("elem_id")
+        return [given, f"{given}-checkbox"] if given else []
+
+
+def create_refresh_button(refresh_component, refresh_method, refreshed_args, elem_id):
+    """modules.ui_common.create_refresh_button: a tool button with the given element id."""
+    return Component(elem_id=elem_id)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The WebUI families: which of the modules the extension reads each one has, and the Forge family's memory manager.
-# Checked against A1111 1.10.1, Forge Classic 1f95d71 and Forge Neo v3.5 (exo101/sd-webui-forge-neo-v3 f95f632):
-# every module in make_modules exists in all three except modules.lowvram (A1111, Forge, reForge only).
+# The WebUI families: which of the modules the extension reads each one has, the Forge family's memory manager, the
+# flags and settings that differ.
+# Checked against A1111 1.10.1, Forge Classic 1f95d71 and Forge Neo 5692d2d (exo101/sd-webui-forge-neo-v3; v3.5,
+# f95f632, before): every module in make_modules exists in all three except modules.lowvram (A1111, Forge, reForge
+# only); Forge Neo has no --use-cpu and draws its noise on the CPU by default; the models of Forge Classic and Forge
+# Neo lack some of A1111's attributes (model_lacks), and Classic's on_* take no name. Covered by
+# test_webui_fakes_match.py (test_family_is_the_webuis, test_cmd_opts_and_state_are_the_webuis,
+# test_settings_the_fakes_set_have_the_webuis_defaults). Forge and reForge were not run here: their entries are read
+# from their sources only.
 
 @dataclass(frozen=True)
 class Family:
     has_lowvram: bool  # modules.lowvram (A1111's --lowvram / --medvram)
     manager: str | None  # the module path of the WebUI's own memory manager
+    has_use_cpu: bool = True  # the --use-cpu flag (shared.cmd_opts.use_cpu)
+    opts: dict = field(default_factory=dict)  # settings whose default differs from A1111's
+    model_lacks: frozenset = frozenset()  # attributes of FakeSDModel the family's loaded model does not have
+    callback_name: bool = True  # script_callbacks.on_<kind>(callback, *, name=None) rather than on_<kind>(callback)
 
 
 FAMILIES = {
     "a1111": Family(has_lowvram=True, manager=None),
     "forge": Family(has_lowvram=True, manager="backend.memory_management"),
     "reforge": Family(has_lowvram=True, manager="ldm_patched.modules.model_management"),
-    "forge-classic": Family(has_lowvram=False, manager="ldm_patched.modules.model_management"),
-    "forge-neo": Family(has_lowvram=False, manager="backend.memory_management"),
+    "forge-classic": Family(has_lowvram=False, manager="ldm_patched.modules.model_management",
+                            model_lacks=frozenset({"is_sd3", "latent_channels", "lowvram"}), callback_name=False),
+    "forge-neo": Family(has_lowvram=False, manager="backend.memory_management", has_use_cpu=False,
+                        opts={"randn_source": "CPU", "forge_model_mode": "local"},
+                        model_lacks=frozenset({"is_sd2", "is_sd3", "latent_channels", "lowvram", "state_dict"})),
 }
+# The settings of A1111 1.10.1 the extension or the fakes read, with their defaults.
+A1111_OPTS = {"randn_source": "GPU", "sd_noise_schedule": "Default", "sgm_noise_multiplier": False,
+              "img2img_extra_noise": 0.0, "eta_noise_seed_delta": 0, "initial_noise_multiplier": 1.0}
 
 
 class VRAMState(enum.Enum):
@@ -521,6 +626,36 @@ def host_modules(family: str) -> dict[str, types.ModuleType]:
     return modules
 
 
+CALLBACK_KINDS = ("app_started", "model_loaded", "ui_settings", "before_ui")
+
+
+@dataclass
+class ScriptCallback:
+    """modules.script_callbacks.ScriptCallback: the file of the script that registered it, the callback, a name."""
+
+    script: str
+    callback: object
+    name: str = "unnamed"
+
+
+def add_callback(callbacks, kind, callback, *, name=None, depth=1):
+    """script_callbacks.on_<kind>(callback, *, name=None), which records the registering script's file."""
+    caller = sys._getframe(depth).f_code.co_filename
+    callbacks.callback_map[f"callbacks_{kind}"].append(ScriptCallback(caller, callback, name or "unnamed"))
+    callbacks.registered[kind].append(callback)
+
+
+def on_callback(callbacks, kind, *, with_name: bool):
+    """The on_<kind> function of a WebUI whose on_* functions take a name (A1111 1.10) or only the callback."""
+    if with_name:
+        return lambda callback, *, name=None: add_callback(callbacks, kind, callback, name=name, depth=2)
+    return lambda callback: add_callback(callbacks, kind, callback, depth=2)
+
+
+# What the fakes hold for the tests' sake, which the WebUI's modules do not have.
+FAKES_OWN = {"modules.devices": {"gc_calls"}, "modules.lowvram": {"calls"}, "modules.script_callbacks": {"registered"}}
+
+
 def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None, family: str = "a1111"):
     """The fake ``modules`` package of a WebUI ``family`` (FAMILIES); returns (package, {name: submodule})."""
     names = ["scripts", "script_callbacks", "shared", "paths", "processing", "rng", "devices", "sd_models",
@@ -533,16 +668,25 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
     subs["scripts"].Script = base
     subs["scripts"].AlwaysVisible = object()
     subs["scripts"].scripts_data = []
+    # script_callbacks.on_<name>(callback, *, name=None): the callbacks each kind has, in order (the WebUI's
+    # callback_map["callbacks_<name>"]). Checked against A1111 1.10.1, Forge Classic 1f95d71 and Forge Neo 5692d2d
+    # (modules/script_callbacks.py); covered by test_webui_fakes_match.py::test_callbacks_are_the_webuis.
     callbacks = subs["script_callbacks"]
-    callbacks.registered = {"ui_settings": [], "before_ui": [], "model_loaded": [], "app_started": []}
-    for name in callbacks.registered:
-        setattr(callbacks, f"on_{name}", callbacks.registered[name].append)
+    callbacks.callback_map = {f"callbacks_{kind}": [] for kind in CALLBACK_KINDS}
+    callbacks.registered = {kind: [] for kind in CALLBACK_KINDS}  # the fake's own view: the callbacks of each kind
+    for kind in CALLBACK_KINDS:
+        setattr(callbacks, f"on_{kind}", on_callback(callbacks, kind, with_name=FAMILIES[family].callback_name))
     shared = subs["shared"]
-    shared.opts = Opts(**{"randn_source": "GPU", "sd_noise_schedule": "Default", "sgm_noise_multiplier": False,
-                          "img2img_extra_noise": 0.0, "eta_noise_seed_delta": 0, **(opts or {})})
+    shared.opts = Opts(**{**A1111_OPTS, **FAMILIES[family].opts, **(opts or {})})
     shared.OptionInfo = OptionInfo
-    shared.cmd_opts = types.SimpleNamespace(oms_models_dir=None, oms_no_download=False)
-    shared.state = types.SimpleNamespace(interrupted=False, skipped=False, textinfo=None)
+    # shared.cmd_opts with the flags' defaults (--oms-models-dir and --oms-no-download: this extension's preload.py).
+    # Checked against A1111 1.10.1, Forge Classic 1f95d71 and Forge Neo 5692d2d (modules/cmd_args.py); covered by
+    # test_webui_fakes_match.py::test_cmd_opts_and_state_are_the_webuis.
+    shared.cmd_opts = types.SimpleNamespace(oms_models_dir=None, oms_no_download=False,
+                                            **({"use_cpu": []} if FAMILIES[family].has_use_cpu else {}))
+    # shared.state (modules/shared_state.py State) with its defaults between generations. Checked against A1111
+    # 1.10.1, Forge Classic 1f95d71 and Forge Neo 5692d2d; covered by the same test.
+    shared.state = types.SimpleNamespace(interrupted=False, skipped=False, stopping_generation=False, textinfo=None)
     subs["sd_models"].checkpoints_list = {}  # title -> CheckpointInfo (.filename), the WebUI's checkpoint folders
     shared.sd_model = FakeSDModel()
     shared.device = torch.device("cpu")  # where ImageRNG's draws go
@@ -567,8 +711,8 @@ def make_modules(models_path: Path, *, with_hook: bool, opts: dict | None = None
     for function in (get_learned_conditioning_prompt_schedules, get_multicond_prompt_list, parse_prompt_attention):
         setattr(subs["prompt_parser"], function.__name__, function)
     subs["extra_networks"].parse_prompt = parse_extra_network_prompt
-    subs["ui_components"].InputAccordion = type("InputAccordion", (Component,), {})
-    subs["ui_common"].create_refresh_button = lambda *args, **kwargs: Component()
+    subs["ui_components"].InputAccordion = InputAccordion
+    subs["ui_common"].create_refresh_button = create_refresh_button
     package = types.ModuleType("modules")
     package.__path__ = []
     for name, module in subs.items():
@@ -585,13 +729,26 @@ class WebUI:
     errors: list = field(default_factory=list)  # what ScriptRunner would have reported (and swallowed)
     infotexts: list = field(default_factory=list)  # each image's generation parameters from the script, in order
     memory_manager: types.ModuleType | None = None  # the Forge family's (make_memory_manager)
+    other_scripts: list = field(default_factory=list)  # other extensions' scripts, run after this one
 
     @property
     def opts(self):
         return self.modules["shared"].opts
 
-    def script(self):
-        return self.script_module.OneMoreStepScript()
+    def script(self, is_img2img: bool = False):
+        """The script as the WebUI's ScriptRunner makes it for the txt2img or the img2img tab."""
+        script = self.script_module.OneMoreStepScript()
+        script.is_txt2img, script.is_img2img = not is_img2img, is_img2img
+        return script
+
+    def elem_ids(self, is_img2img: bool) -> list[str]:
+        """The element ids of the HTML elements made for the script's controls in one tab, in the order made."""
+        Component.made = []
+        try:
+            self.script(is_img2img).ui(is_img2img)
+            return [elem_id for component in Component.made for elem_id in component.elem_ids]
+        finally:
+            Component.made = None
 
     def _call(self, fn, *args, **kwargs):
         try:
@@ -599,16 +756,25 @@ class WebUI:
         except Exception as error:  # ScriptRunner: errors.report(...), generation goes on
             self.errors.append(error)
 
-    def run(self, p, args, *, batches: int = 1) -> list[torch.Tensor]:
+    def build_ui(self) -> None:
+        """What the WebUI does with the callbacks while it builds its UI: the before_ui callbacks (webui.py, before
+        create_ui), then the ui_settings ones (the Settings tab). Checked against A1111 1.10.1 (webui.py,
+        modules/ui.py, modules/ui_settings.py)."""
+        for kind in ("before_ui", "ui_settings"):
+            for callback in self.modules["script_callbacks"].registered[kind]:
+                callback()
+
+    def run(self, p, args, *, batches: int = 1, with_script: bool = True) -> list[torch.Tensor]:
         """process_images for ``p``: returns the latent each batch's sampler starts from (VE units for k-diffusion,
         VP for timestep samplers, as the sampler itself holds it). With a variation strength every image keeps the
-        seed and only the subseed counts up (the seed collapse of process_images).
+        seed and only the subseed counts up (the seed collapse of process_images). ``with_script=False``: the
+        WebUI without this extension.
 
         Checked against A1111 1.6.0 and 1.10.1 (modules/processing.py process_images_inner, modules/scripts.py
         ScriptRunner) and Forge Classic 1f95d71; covered by
         test_webui_api.py::test_enabled_changes_the_image_and_writes_its_infotext and
         test_webui_seams.py::test_an_error_while_sampling_stops_the_generation."""
-        script = self.script()
+        script = self.script() if with_script else self.modules["scripts"].Script()
         with_hook = hasattr(self.modules["scripts"].Script, "process_before_every_sampling")
         p.script_args = tuple(args)
         images = p.batch_size * batches
@@ -619,14 +785,18 @@ class WebUI:
         if not p.all_subseeds:
             p.all_subseeds = [int(p.subseed) + i for i in range(images)]
         self._call(script.process, p, *args)
+        for other in self.other_scripts:
+            self._call(other.process, p)
         starts = []
         for n in range(batches):
             batch = slice(n * p.batch_size, (n + 1) * p.batch_size)
             p.prompts, p.seeds, p.subseeds = p.all_prompts[batch], p.all_seeds[batch], p.all_subseeds[batch]
-            shape = (p.sd_model.latent_channels, p.height // 8, p.width // 8)
+            shape = (getattr(p.sd_model, "latent_channels", 4), p.height // 8, p.width // 8)  # Classic: opt_C
             p.rng = ImageRNG(shape, p.seeds, subseeds=p.subseeds, subseed_strength=p.subseed_strength,
                              seed_resize_from_h=p.seed_resize_from_h, seed_resize_from_w=p.seed_resize_from_w)
             self._call(script.process_batch, p, *args, batch_number=n, prompts=p.prompts, seeds=p.seeds)
+            for other in self.other_scripts:
+                self._call(other.process_batch, p, batch_number=n, prompts=p.prompts, seeds=p.seeds)
             x = p.rng.next()  # not wrapped: an exception here reaches the user
             if with_hook:
                 noise = x

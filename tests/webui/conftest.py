@@ -45,6 +45,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "smoke: the real-WebUI smoke set every WebUI runs")
     config.addinivalue_line("markers", "xyz: the X/Y/Z plot tests the Forge family runs beside the smoke set")
     config.addinivalue_line("markers", "browser: the UI in a real browser (test_webui_browser.py), on every WebUI")
+    config.addinivalue_line("markers", "fakes: tests/webui_fakes.py against the WebUI (test_webui_fakes_match.py), on "
+                                       "every WebUI")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -55,6 +57,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xyz)
         if Path(item.path).name == "test_webui_browser.py":
             item.add_marker(pytest.mark.browser)
+        if Path(item.path).name == "test_webui_fakes_match.py":
+            item.add_marker(pytest.mark.fakes)
     if api.BASE_URL:
         return
     skip = pytest.mark.skip(reason="SD_WEBUI_URL is not set: no WebUI server to test against")

@@ -76,8 +76,23 @@ def test_img2img_that_keeps_the_input_is_skipped_and_untouched(server, case, fie
     assert api.same_pixels(on.images[0], off.images[0])
 
 
+def hires_upscaler() -> str:
+    """An upscaler the WebUI lists that needs no model file: its first latent mode ("Latent" on A1111 and Forge
+    Classic), else the first of /sdapi/v1/upscalers without a model file other than "None" (Forge Neo lists no latent
+    mode; it has "Lanczos" and "Nearest")."""
+    modes = api.get("/sdapi/v1/latent-upscale-modes")
+    assert modes.status == 200, modes.text[:300]
+    if modes.body:
+        return modes.body[0]["name"]
+    upscalers = api.get("/sdapi/v1/upscalers")
+    assert upscalers.status == 200, upscalers.text[:300]
+    plain = [u["name"] for u in upscalers.body if not u.get("model_path") and u["name"] != "None"]
+    assert plain, f"the WebUI lists no upscaler that needs no model file: {upscalers.text[:500]}"
+    return plain[0]
+
+
 def test_hires_fix_corrects_only_the_first_pass(generate, baseline):
-    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 1,
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": hires_upscaler(), "hr_second_pass_steps": 1,
              "denoising_strength": 0.5}
     off = generate(api.payload(**hires))
     on = generate(api.payload({"enabled": True}, **hires))

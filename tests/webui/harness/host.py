@@ -7,8 +7,11 @@ not by a version number, so a fork the runner has not seen still gets the flags 
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import hashlib
+import lzma
 import os
 import re
 import shutil
@@ -24,9 +27,12 @@ NOT_THE_USERS = {"__pycache__"}
 # Folders a WebUI writes in its own tree whatever --data-dir says (Forge Classic updates config_states/cache.db at
 # every start): the runner puts them back as it found them.
 IN_TREE_STATE = ("config_states",)
+# Archives a WebUI may ship and unpack into its own folder on its first start, whatever --data-dir says (Forge Neo:
+# backend/huggingface/*.tokenizer.json.xz into nine tokenizer/tokenizer.json files), by how each is opened.
+ARCHIVE_OPENERS = {".xz": lzma.open, ".lzma": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
 # The test sets of tests/webui (markers from tests/webui/conftest.py).
 ALL_TESTS: tuple[str, ...] = ()
-SMOKE_XYZ_AND_BROWSER = ("-m", "smoke or xyz or browser")
+SMOKE_XYZ_AND_BROWSER = ("-m", "smoke or xyz or browser or fakes")
 # The argument-parser files where WebUIs of the A1111 family define their command-line flags.
 FLAG_FILES = ("modules/cmd_args.py", "modules/paths_internal.py", "backend/args.py",
               "ldm_patched/modules/args_parser.py")
@@ -66,8 +72,8 @@ class Kind:
         return ("--gradio-allowed-path", str(folder)) if "--gradio-allowed-path" in self.flags else ()
 
     def test_set(self) -> tuple[str, ...]:
-        """A1111 runs all of tests/webui; the Forge family the smoke, X/Y/Z (their X/Y/Z is their own copy) and browser
-        sets (their UI is their own too)."""
+        """A1111 runs all of tests/webui; the Forge family the smoke, X/Y/Z (their X/Y/Z is their own copy), browser
+        (their UI is their own too) and fakes (test_webui_fakes_match.py) sets."""
         return SMOKE_XYZ_AND_BROWSER if self.forge_family else ALL_TESTS
 
 
@@ -203,9 +209,56 @@ def kept_as_found(folder: Path, spare: Path, names: tuple[str, ...] = IN_TREE_ST
         shutil.rmtree(spare)
 
 
-def changes(before: dict[str, tuple], after: dict[str, tuple]) -> list[str]:
-    """What differs between two snapshots, one line per file: "added x", "removed y", "changed z"."""
-    lines = [f"added {p}" for p in sorted(after.keys() - before.keys())]
+def changes(before: dict[str, tuple], after: dict[str, tuple], exempt: frozenset[str] = frozenset()) -> list[str]:
+    """What differs between two snapshots, one line per file: "added x", "removed y", "changed z". ``exempt``: added
+    files that are not reported (the WebUI's own first-start files, ``own_unpacked``)."""
+    lines = [f"added {p}" for p in sorted(after.keys() - before.keys() - exempt)]
     lines += [f"removed {p}" for p in sorted(before.keys() - after.keys())]
     lines += [f"changed {p}" for p in sorted(before.keys() & after.keys()) if before[p] != after[p]]
     return lines
+
+
+def _archive_of(archive: Path, name: str) -> bool:
+    """Whether ``archive`` is named as an archive of a file called ``name`` ("wan.tokenizer.json.xz")."""
+    return archive.suffix in ARCHIVE_OPENERS and archive.name.endswith(name + archive.suffix)
+
+
+def _digest_of_unpacked(archive: Path) -> str | None:
+    opener = ARCHIVE_OPENERS[archive.suffix]
+    digest = hashlib.sha256()
+    try:
+        with opener(archive, "rb") as stream:
+            for chunk in iter(lambda: stream.read(2**20), b""):
+                digest.update(chunk)
+    except (OSError, EOFError, lzma.LZMAError):
+        return None
+    return digest.hexdigest()
+
+
+def own_unpacked(folder: Path, before: dict[str, tuple], after: dict[str, tuple]) -> dict[str, str]:
+    """The files a run added to the WebUI's folder that the WebUI unpacked from an archive of its own: {file: archive}.
+
+    A file counts only when an archive that was in the folder before the run, unchanged since, lies in the file's
+    own folder or a folder above it (within the WebUI's folder), is named after the file (``*tokenizer.json.xz`` for
+    ``tokenizer.json``) and unpacks to exactly the file's bytes. Every other added file is a change."""
+    unpacked: dict[Path, str | None] = {}
+    found = {}
+    for added in sorted(after.keys() - before.keys()):
+        path = folder / added
+        if after[added][0] == "link" or not path.is_file():
+            continue
+        content = None
+        for parent in Path(added).parents:
+            candidates = [name for name in before if Path(name).parent == parent and _archive_of(Path(name), path.name)
+                          and after.get(name) == before[name]]
+            for archive in sorted(candidates):
+                if archive not in unpacked:
+                    unpacked[archive] = _digest_of_unpacked(folder / archive)
+                if content is None:
+                    content = hashlib.sha256(path.read_bytes()).hexdigest()
+                if unpacked[archive] == content:
+                    found[added] = archive
+                    break
+            if added in found:
+                break
+    return found

@@ -15,13 +15,18 @@ the extension's install.py installs on a normal start. The runner
 3. starts the WebUI on 127.0.0.1 with ``--data-dir`` set to a scratch folder in the work folder, whose extensions/
    links to this checkout and whose models/ hold the test files, and with HF_HOME set to the work folder: the
    WebUI's own models, extensions, config.json, ui-config.json and the user's Hugging Face cache are not read or
-   written;
-4. runs the tests/webui set that fits the kind (all for A1111, smoke, X/Y/Z and browser for the Forge family;
-   ``--all`` for everything), then, as on a user's first day, starts it again with an empty models/oms and
-   tests/fake_hub.py as the hub for test_webui_first_use.py, and the prompt-parser agreement test against the WebUI's
-   source;
+   written. Beside the extension, the tests phase links the test-only probe extension (tests/webui/probe/), which
+   records what the WebUI really has where tests/webui_fakes.py stands in for it (logs/fakes-probe.json), for
+   test_webui_fakes_match.py;
+4. runs the tests/webui set that fits the kind (all for A1111; smoke, X/Y/Z, browser and the fakes check for the
+   Forge family; ``--all`` for everything), then, as on a user's first day, starts it again with an empty models/oms
+   and tests/fake_hub.py as the hub for test_webui_first_use.py, and the prompt-parser agreement test against the
+   WebUI's source;
 5. stops the server (also when a test or the server fails), checks that the WebUI's folder is byte-identical to
-   before (Python's __pycache__ aside) and prints the counts. Exits non-zero if anything failed or changed.
+   before (Python's __pycache__ aside; what it writes in its own config_states/ is put back) and prints the counts.
+   A file the WebUI unpacked on its first start from an archive of its own already in its folder (Forge Neo's
+   tokenizer.json files) is named as the WebUI's own and not counted as a change; any other file is. Exits non-zero
+   if anything failed or changed.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ WORK_FOLDER = "test-webuis"
 CHECKPOINT_NAME = "sd15_random.safetensors"
 FIRST_USE_TESTS = "tests/webui/test_webui_first_use.py"
 SOURCE_TESTS = "tests/test_webui_support.py::test_fake_prompt_parser_reads_the_first_step_as_the_webui"
+PROBE = REPO / "tests" / "webui" / "probe"
+PROBE_NAME = "oms-fakes-probe"
+PROBE_FILE = "fakes-probe.json"  # in logs/
 # What the extension needs in the WebUI's Python beyond what every WebUI has.
 NEEDED_MODULES = ("torch", "safetensors", "transformers", "open_clip")
 
@@ -169,7 +177,8 @@ def the_checkpoint(args, kind: Kind, folder: Path, python: Path, assets: Path, h
                      f"FILE, or run the runner once against an A1111 WebUI, which leaves one in {made}")
 
 
-def report(kind: Kind, folder: Path, results: list[dict], changed: list[str], total_s: float) -> None:
+def report(kind: Kind, folder: Path, results: list[dict], changed: list[str], total_s: float,
+           own: dict[str, str] | None = None) -> None:
     commit = host.commit_of(folder)
     print(f"\n{kind.name}{f' ({commit})' if commit else ''} in {folder}: {total_s / 60:.1f} min")
     print("| phase | start | tests | passed | failed | skipped |\n|---|---|---|---|---|---|")
@@ -177,8 +186,13 @@ def report(kind: Kind, folder: Path, results: list[dict], changed: list[str], to
         times = [f"{r[k]:.0f} s" if k in r else "-" for k in ("start_s", "tests_s")]
         print(f"| {r['phase']} | {' | '.join(times)} | {r.get('passed', '-')} | "
               f"{r.get('failed', '-') if 'error' not in r else 'server failed'} | {r.get('skipped', '-')} |")
+    if own:
+        print(f"\nthe WebUI unpacked {len(own)} files of its own on its first start (not counted as changes):\n  "
+              + "\n  ".join(f"{path} (from {archive})" for path, archive in sorted(own.items())))
     if changed:
         print(f"\nthe WebUI's folder changed ({len(changed)} files):\n  " + "\n  ".join(changed[:50]))
+    elif own:
+        print("\nbesides those, the WebUI's folder is byte-identical to before the run")
     else:
         print("\nthe WebUI's folder is byte-identical to before the run")
 
@@ -225,16 +239,23 @@ def main(argv: list[str] | None = None) -> int:
         if not args.first_use_only:
             data = data_folder(work, "tests", kind, checkpoint, oms)
             seams_files.write(data, checkpoint)
+            link(PROBE, data / "extensions" / PROBE_NAME)
+            probe_file = work / "logs" / PROBE_FILE
+            probe_file.unlink(missing_ok=True)
             results.append(serve_and_test("tests", folder, python, kind, data, checkpoint, hf_home, work,
                                           ["tests/webui", *tests, *args.pytest_args],
                                           flags=("--oms-models-dir", str(extra_oms)),
-                                          test_env={"SD_WEBUI_OMS_EXTRA_MODULE": EXTRA_MODULE_NAME}))
+                                          server_env={"OMS_FAKES_PROBE": str(probe_file)},
+                                          test_env={"SD_WEBUI_OMS_EXTRA_MODULE": EXTRA_MODULE_NAME,
+                                                    "SD_WEBUI_PROBE": str(probe_file), "SD_WEBUI_KIND": kind.name}))
             results.append({"phase": "WebUI source", **run_pytest(
                 [SOURCE_TESTS], {**os.environ, "SD_WEBUI_DIR": str(folder)}, work / "logs" / "source.junit.xml")})
         if not args.no_first_use:
             results.append(first_use(folder, python, kind, work, checkpoint, hf_home, oms, args.pytest_args))
-    changed = host.changes(before, host.snapshot(folder, skip=(python_prefix(python),)))
-    report(kind, folder, results, changed, time.monotonic() - started)
+    after = host.snapshot(folder, skip=(python_prefix(python),))
+    own = host.own_unpacked(folder, before, after)
+    changed = host.changes(before, after, exempt=frozenset(own))
+    report(kind, folder, results, changed, time.monotonic() - started, own)
     return 0 if all(r["exit_code"] == 0 for r in results) and not changed else 1
 
 
