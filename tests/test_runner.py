@@ -203,3 +203,42 @@ def test_pytest_counts_are_read_from_junit(tmp_path):
     junit.write_text('<testsuites><testsuite tests="10" failures="1" errors="1" skipped="3"/></testsuites>')
     assert run.pytest_counts(junit) == {"passed": 5, "failed": 2, "skipped": 3}
     assert run.pytest_counts(tmp_path / "none.xml") == {"passed": 0, "failed": 0, "skipped": 0}
+
+
+def sdnext(tmp_path: Path, installer_flags: tuple[str, ...] = ("--skip-all", "--quick")) -> Path:
+    """SD.Next as the runner sees it: A1111's launch.py and modules/scripts.py, its diffusers processing and script
+    manager, its cmd_args.py (with --ckpt, and --api-only beside --api-log, so "--api" would be ambiguous) and its
+    installer.py defining the install flags, written as SD.Next writes them."""
+    install = "\n".join(f"    group_install.add_argument('{name}', default=env_flag(\"X\", False), action='store_true')"
+                        for name in installer_flags)
+    return webui(tmp_path, {"modules/cmd_args.py": flags("--ckpt", "--data-dir", "--log", "--use-cpu", "--api-only",
+                                                         "--api-log"),
+                            "installer.py": f"def add_args(parser):\n{install}\n",
+                            "modules/processing_diffusers.py": "", "modules/scripts_manager.py": ""})
+
+
+def test_sdnext_is_recognised_and_started_offline_with_a_diffusers_model(tmp_path):
+    kind = host.detect(sdnext(tmp_path))
+    assert kind.name == "SD.Next" and kind.sdnext and not kind.forge_family and not kind.can_make_checkpoint
+    assert kind.start_flags() == ("--skip-all", "--server-name", "127.0.0.1")  # no "--api", no CPU flag
+    assert "--ckpt" not in kind.flags  # its --ckpt fails for a diffusers folder: the settings choose the model
+    assert kind.test_set() == () and kind.start_timeout_s > 900
+    model = tmp_path / "assets" / host.SDNEXT_MODEL
+    model.mkdir(parents=True)
+    data = run.data_folder(tmp_path / "work", "tests", kind, model, None)
+    assert (data / "extensions" / host.EXTENSION_NAME).resolve() == host.REPO
+    assert (data / "models" / "Diffusers" / host.SDNEXT_MODEL).resolve() == model
+    assert not (data / "models" / "Stable-diffusion").exists() and (data / "models" / "oms").is_dir()
+    assert json.loads((data / "config.json").read_text()) == {"offline_mode": True,
+                                                              "sd_model_checkpoint": f"Diffusers/{host.SDNEXT_MODEL}"}
+    assert kind.data_flags(data) == ("--log", str(data / "sdnext.log"))  # else it logs into its own folder
+
+
+def test_sdnext_without_its_offline_flag_is_refused_saying_why(tmp_path):
+    with pytest.raises(ValueError, match="--skip-all"):
+        host.detect(sdnext(tmp_path, installer_flags=("--quick",)))
+
+
+def test_other_webuis_take_no_sdnext_flags(tmp_path):
+    kind = host.detect(webui(tmp_path, {"modules/cmd_args.py": A1111_ARGS}))
+    assert not kind.sdnext and kind.data_flags(tmp_path) == () and kind.start_timeout_s == 900

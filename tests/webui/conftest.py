@@ -40,6 +40,39 @@ XYZ = {
     "test_xyz_enabled_by_cfg_cells_describe_themselves",
 }
 
+# What does not apply to SD.Next, and why ("file::test", "file::test[parameters]" or a file name): these tests skip
+# themselves there, saying so. test_webui_sdnext.py holds what SD.Next does instead.
+SDNEXT_OWN = "test_webui_sdnext.py checks what SD.Next does instead"
+SDNEXT_ERRORS = ("SD.Next answers an error during the OMS step with HTTP 200 and no image, not an error status: "
+                 + SDNEXT_OWN)
+SDNEXT_XYZ = ("SD.Next's X/Y/Z grid is its own script (\"xyz grid\", always visible, 26 arguments, axes named by "
+              "label), not the A1111 X/Y/Z plot: " + SDNEXT_OWN)
+SDNEXT_REFINER = ("SD.Next's refiner is a second model chosen in its settings: its API has no refiner_checkpoint or "
+                  "refiner_switch_at")
+NOT_ON_SDNEXT = {
+    "test_webui_browser.py": "SD.Next's UI is its own: these tests drive the A1111 family's (its InputAccordion's "
+                             "title checkbox, paste button and generation gallery)",
+    "test_webui_api.py::test_infotext_pastes_back_through_the_api": "SD.Next's API has no infotext field (it ignores "
+                                                                     "it)",
+    "test_webui_api.py::test_bad_argument_is_an_error_response_naming_the_field[module-of-another-latent-space]":
+        SDNEXT_ERRORS,
+    "test_webui_api.py::test_failed_loads_release_what_they_read": SDNEXT_ERRORS,
+    "test_webui_seams.py::test_an_error_while_sampling_stops_the_generation": SDNEXT_ERRORS,
+    "test_webui_img2img_hires.py::test_inpainting_from_latent_noise_gets_the_oms_start_inside_the_mask":
+        "in SD.Next OMS applies to text-to-image only (inpainting starts from its image): " + SDNEXT_OWN,
+    "test_webui_img2img_hires.py::test_hires_fix_corrects_only_the_first_pass":
+        "SD.Next's hires fix takes other fields (hr_denoising_strength, its own upscaler names): " + SDNEXT_OWN,
+    **{f"test_webui_seams.py::{name}": SDNEXT_REFINER for name in (
+        "test_the_refiner_does_not_reload_the_module_or_text_encoder",
+        "test_refiner_switch_at_null_is_the_webui_meaning", "test_a_none_refiner_is_no_refiner")},
+    **{f"test_webui_xyz_samplers.py::{name}": SDNEXT_XYZ for name in (
+        "test_oms_axes_are_offered", "test_xyz_plot_over_oms_cfg", "test_xyz_plot_over_oms_enabled",
+        "test_xyz_off_cell_after_an_on_cell_carries_no_oms_infotext",
+        "test_xyz_enabled_by_cfg_cells_describe_themselves", "test_xyz_rejects_a_bad_cfg_value_before_generating")},
+    **{f"test_webui_seams.py::{name}": SDNEXT_XYZ for name in (
+        "test_a_cell_of_an_oms_axis_turns_oms_on", "test_a_bad_xyz_value_gets_the_extensions_message")},
+}
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "smoke: the real-WebUI smoke set every WebUI runs")
@@ -76,6 +109,34 @@ def server():
         pytest.fail(f"WebUI at {api.BASE_URL} does not answer /sdapi/v1/options: HTTP {reply.status} "
                     f"{reply.text[:300]}")
     return reply.body
+
+
+_SDNEXT: list[bool] = []  # asked once per session
+
+
+def server_is_sdnext() -> bool:
+    if not _SDNEXT:
+        _SDNEXT.append(api.is_sdnext())
+    return _SDNEXT[0]
+
+
+@pytest.fixture(scope="session")
+def on_sdnext(server) -> bool:
+    """Whether the server is SD.Next (webui_api.is_sdnext)."""
+    return server_is_sdnext()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Skips, saying why, a test that does not apply to the WebUI under test (NOT_ON_SDNEXT), before any of its
+    fixtures is set up (the browser tests' page would open the WebUI's UI)."""
+    if not api.BASE_URL or Path(item.path).parent != Path(__file__).parent:
+        return
+    file = Path(item.path).name
+    keys = (f"{file}::{item.name}", f"{file}::{getattr(item, 'originalname', item.name)}", file)
+    reason = next((NOT_ON_SDNEXT[key] for key in keys if key in NOT_ON_SDNEXT), None)
+    if reason and server_is_sdnext():
+        pytest.skip(f"not on SD.Next: {reason}")
 
 
 @pytest.fixture(scope="session")

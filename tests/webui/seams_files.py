@@ -49,7 +49,8 @@ def write(webui: Path, checkpoint: Path) -> None:
     config = tiny_unet_config()  # cross_attention_dim 32
     save_module(oms / WIDTH_MISMATCH_MODULE, random_state_dict(config, seed=8), config, latent_space="sd",
                 text_encoder="openclip-h", overwrite=True)
-    link(checkpoint, webui / "models" / "Stable-diffusion" / f"{REFINER}.safetensors")
+    if checkpoint.is_file():  # not for a diffusers folder (SD.Next), whose refiner is set otherwise
+        link(checkpoint, webui / "models" / "Stable-diffusion" / f"{REFINER}.safetensors")
 
 
 def main(argv=None) -> None:

@@ -30,6 +30,8 @@ ARG_LABELS = ("One More Step", "OMS module", "OMS prompt", "OMS negative prompt"
 ARG_DEFAULTS = (False, "Automatic", "", "", 1.0, "SDE")
 INFOTEXT_KEYS = ("OMS", "OMS module", "OMS prompt", "OMS negative prompt", "OMS CFG", "OMS solver", "OMS skipped",
                  "OMS first pass only")
+# The variation strength's infotext key: A1111 and Forge write the first, SD.Next the second.
+VARIATION_STRENGTH_KEYS = ("Variation seed strength", "Variation strength")
 AXIS_CFG = "[OMS] CFG"
 AXIS_ENABLED = "[OMS] Enabled"
 
@@ -88,6 +90,14 @@ def request(method: str, path: str, payload: dict | None = None) -> Reply:
 
 def get(path: str) -> Reply:
     return request("GET", path)
+
+
+def is_sdnext() -> bool:
+    """Whether the server is SD.Next: its /sdapi/v1/scripts lists the scripts of a third tab, "control", beside
+    txt2img and img2img (the A1111 family's lists those two)."""
+    reply = get("/sdapi/v1/scripts")
+    assert reply.status == 200, reply.text[:500]
+    return "control" in reply.body
 
 
 def server_rss() -> int:

@@ -4,6 +4,8 @@
   tokenizer from there; Forge and reForge ship their own): vocab.json and merges.txt made from the BPE vocabulary that
   open_clip ships, config.json from transformers' own CLIP defaults of that model.
 - ``sd15_random.safetensors``: one random SD 1.5 checkpoint for every WebUI tested (make_checkpoint.py).
+- ``sd15-tiny-random/``: for SD.Next, which loads diffusers folders, a small random SD 1.5-shaped model in diffusers'
+  layout (make_diffusers_model.py), its tokenizer the CLIP BPE of ``hf/``.
 - ``oms/``: what the tests expect in ``<webui>/models/oms/``: a random OMS-B module in the released folder layout
   (``oms_b_openclip_15_21``), two small OMS-S modules (``oms_s_sd15_test`` for the module argument,
   ``oms_s_openclip_xl_test`` for the wrong-latent-space error) and a random OpenCLIP ViT-H/14 text encoder in
@@ -68,6 +70,18 @@ def make_checkpoint(path: Path, python: Path, webui: Path, hf_home: Path) -> Pat
         env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
         subprocess.run([str(python), str(Path(__file__).with_name("make_checkpoint.py")), "--webui", str(webui),
                         "--out", str(path)], check=True, env=env, cwd=webui)
+    return path
+
+
+def make_diffusers_model(path: Path, python: Path, hf_home: Path) -> Path:
+    """A small random SD 1.5-shaped diffusers folder at ``path``, made once with the diffusers and transformers of
+    the WebUI's Python (make_diffusers_model.py), its tokenizer the one make_clip_l_cache laid out."""
+    if not (path / "model_index.json").is_file():
+        log(f"making the random SD 1.5-shaped diffusers model {path}")
+        tokenizer = hf_home / "hub" / ("models--" + CLIP_L_REPO.replace("/", "--")) / "snapshots" / CLIP_L_REVISION
+        env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+        subprocess.run([str(python), str(Path(__file__).with_name("make_diffusers_model.py")), "--out", str(path),
+                        "--tokenizer", str(tokenizer)], check=True, env=env, cwd=path.parent)
     return path
 
 

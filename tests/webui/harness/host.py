@@ -36,6 +36,14 @@ SMOKE_XYZ_AND_BROWSER = ("-m", "smoke or xyz or browser or fakes")
 # The argument-parser files where WebUIs of the A1111 family define their command-line flags.
 FLAG_FILES = ("modules/cmd_args.py", "modules/paths_internal.py", "backend/args.py",
               "ldm_patched/modules/args_parser.py")
+# SD.Next (vladmandic/sdnext) has the A1111 layout's launch.py and modules/scripts.py, but runs diffusers pipelines
+# (modules/processing_diffusers.py) and its own installer (installer.py, which defines launch.py's install flags:
+# --skip-all); told by these files, its flags read from modules/cmd_args.py and installer.py.
+SDNEXT_FILES = ("installer.py", "modules/processing_diffusers.py", "modules/scripts_manager.py")
+SDNEXT_FLAG_FILES = ("modules/cmd_args.py", "installer.py")
+# SD.Next's start takes 80–150 s on 2 busy cores (its libraries, a Triton self-test, then the model in the
+# background), up to several times that while other WebUIs run beside it.
+SDNEXT_START_TIMEOUT_S = 1800
 
 
 def log(message: str) -> None:
@@ -49,9 +57,12 @@ class Kind:
     flags: frozenset[str]  # every flag the WebUI's parsers define
     can_make_checkpoint: bool  # has the ldm package and configs/v1-inference.yaml that make_checkpoint.py uses
     options: dict = field(default_factory=dict)  # settings the scratch config.json starts with
+    sdnext: bool = False  # SD.Next: diffusers models, its own installer flags, another X/Y/Z and UI
 
     def cpu_flags(self) -> tuple[str, ...]:
         """How this WebUI is told to run everything on the CPU, in full precision."""
+        if self.sdnext:  # no such flag (--use-cpu is accepted and ignored): it picks the CPU when torch has no GPU
+            return ()
         if "--always-cpu" in self.flags:  # Forge, reForge, Forge Classic
             return ("--always-cpu",)
         if "--cpu" in self.flags:  # Forge Neo
@@ -60,6 +71,8 @@ class Kind:
 
     def start_flags(self) -> tuple[str, ...]:
         """Offline start with the API on the loopback; only flags the WebUI has (Neo dropped several)."""
+        if self.sdnext:  # --skip-all: no pip or git at start (the API is always on; "--api" would be ambiguous)
+            return ("--skip-all", "--server-name", "127.0.0.1", *self.cpu_flags())
         wanted = ("--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-python-version-check",
                   "--skip-version-check", "--no-download-sd-model")
         return (*(flag for flag in wanted if flag in self.flags), "--api", "--server-name", "127.0.0.1",
@@ -71,15 +84,26 @@ class Kind:
         own otherwise (its UI then has no hints, no paste, no input accordions)."""
         return ("--gradio-allowed-path", str(folder)) if "--gradio-allowed-path" in self.flags else ()
 
+    def data_flags(self, data: Path) -> tuple[str, ...]:
+        """Flags naming files in the scratch data folder: SD.Next writes its log to sdnext.log in its own folder
+        unless --log names another file."""
+        return ("--log", str(data / "sdnext.log")) if self.sdnext else ()
+
+    @property
+    def start_timeout_s(self) -> float:
+        return SDNEXT_START_TIMEOUT_S if self.sdnext else 900
+
     def test_set(self) -> tuple[str, ...]:
         """A1111 runs all of tests/webui; the Forge family the smoke, X/Y/Z (their X/Y/Z is their own copy), browser
-        (their UI is their own too) and fakes (test_webui_fakes_match.py) sets."""
+        (their UI is their own too) and fakes (test_webui_fakes_match.py) sets. SD.Next runs all of it: the tests that
+        do not apply there skip themselves, saying why (tests/webui/conftest.py), and test_webui_sdnext.py covers what
+        is its own."""
         return SMOKE_XYZ_AND_BROWSER if self.forge_family else ALL_TESTS
 
 
-def defined_flags(folder: Path) -> frozenset[str]:
+def defined_flags(folder: Path, files: tuple[str, ...] = FLAG_FILES) -> frozenset[str]:
     found = set()
-    for name in FLAG_FILES:
+    for name in files:
         path = folder / name
         if path.is_file():
             found.update(re.findall(r"add_argument\(\s*[\"'](--[a-z0-9-]+)[\"']", path.read_text(errors="replace")))
@@ -120,6 +144,8 @@ def detect(folder: Path) -> Kind:
     """The WebUI in ``folder``; raises ValueError, saying what is missing, for a folder that is not one."""
     if not (folder / "launch.py").is_file() or not (folder / "modules" / "scripts.py").is_file():
         raise ValueError(f"{folder} is not an A1111-family WebUI: it has no launch.py and modules/scripts.py")
+    if all((folder / name).is_file() for name in SDNEXT_FILES):
+        return detect_sdnext(folder)
     flags = defined_flags(folder)
     if "--data-dir" not in flags:
         raise ValueError(f"{folder}: the WebUI has no --data-dir flag, so the runner cannot keep its files apart")
@@ -140,6 +166,22 @@ def detect(folder: Path) -> Kind:
     ldm = folder / "repositories" / "stable-diffusion-stability-ai" / "ldm"
     return Kind(name, forge_family, flags, ldm.is_dir() and (folder / "configs" / "v1-inference.yaml").is_file(),
                 options)
+
+
+# What the runner names SD.Next's test model: <data-dir>/models/Diffusers/<this>, which SD.Next lists as
+# "Diffusers/<this>".
+SDNEXT_MODEL = "sd15-tiny-random"
+
+
+def detect_sdnext(folder: Path) -> Kind:
+    """SD.Next. Its settings keep it offline (offline_mode: no pip call, models loaded from local files only) and
+    choose the test model, a diffusers folder (its --ckpt fails for a folder: the runner never passes it)."""
+    flags = defined_flags(folder, SDNEXT_FLAG_FILES)
+    for needed in ("--data-dir", "--skip-all", "--log"):
+        if needed not in flags:
+            raise ValueError(f"{folder}: SD.Next without its {needed} flag, which the runner needs")
+    options = {"offline_mode": True, "sd_model_checkpoint": f"Diffusers/{SDNEXT_MODEL}"}
+    return Kind("SD.Next", False, frozenset(flags - {"--ckpt"}), False, options, sdnext=True)
 
 
 def commit_of(folder: Path) -> str | None:

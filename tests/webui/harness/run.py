@@ -7,11 +7,12 @@ Run it with the repository's test environment (.venv, made by the README's test 
 the WebUI runs with (default: its ``venv/bin/python``); it needs the extension's requirements (requirements.txt), which
 the extension's install.py installs on a normal start. The runner
 
-1. recognises the WebUI (A1111 1.6–1.10, Forge, reForge, Forge Classic, Forge Neo) from the flags it defines and the
-   folders it has (host.py);
+1. recognises the WebUI (A1111 1.6–1.10, Forge, reForge, Forge Classic, Forge Neo, SD.Next) from the flags it defines
+   and the folders it has (host.py);
 2. makes the random test files in the work folder (assets.py): OMS modules in the released layout, an OpenCLIP-H text
    encoder, a CLIP-L tokenizer cache, and a random SD 1.5 checkpoint from the WebUI's own configs/v1-inference.yaml
-   (or ``--checkpoint``; Forge Neo has no ldm to make one, so a checkpoint an earlier run made is reused);
+   (or ``--checkpoint``; Forge Neo has no ldm to make one, so a checkpoint an earlier run made is reused); for SD.Next,
+   which loads diffusers folders, a small random SD 1.5-shaped diffusers model made with its own diffusers;
 3. starts the WebUI on 127.0.0.1 with ``--data-dir`` set to a scratch folder in the work folder, whose extensions/
    links to this checkout and whose models/ hold the test files, and with HF_HOME set to the work folder: the
    WebUI's own models, extensions, config.json, ui-config.json and the user's Hugging Face cache are not read or
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import host  # noqa: E402
 from assets import EXTRA_MODULE_NAME, first_use_repos, make_checkpoint, make_clip_l_cache, make_oms_folders  # noqa: E402
-from host import EXTENSION_NAME, REPO, Kind, log  # noqa: E402
+from host import EXTENSION_NAME, REPO, SDNEXT_MODEL, Kind, log  # noqa: E402
 from server import Server  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests" / "webui"))
@@ -109,6 +110,8 @@ def data_folder(work: Path, name: str, kind: Kind, checkpoint: Path, oms: Path |
     """A fresh ``--data-dir`` for one server start: the extension (a link to this checkout), the checkpoint, the
     OMS files (a folder of links, so that what the tests write there stays out of the shared files; ``None``: an
     empty models/oms, as on first use) and the settings the kind needs."""
+    if kind.sdnext:
+        return sdnext_data_folder(work, name, kind, checkpoint, oms)
     data = work / "data" / name
     if data.exists():
         shutil.rmtree(data)
@@ -124,6 +127,20 @@ def data_folder(work: Path, name: str, kind: Kind, checkpoint: Path, oms: Path |
     return data
 
 
+def sdnext_data_folder(work: Path, name: str, kind: Kind, model: Path, oms: Path | None) -> Path:
+    """data_folder for SD.Next: the diffusers model in models/Diffusers, chosen (with offline_mode) in config.json."""
+    data = work / "data" / name
+    if data.exists():
+        shutil.rmtree(data)
+    link(REPO, data / "extensions" / EXTENSION_NAME)
+    link(model, data / "models" / "Diffusers" / SDNEXT_MODEL)
+    (data / "models" / "oms").mkdir(parents=True)
+    for entry in sorted(oms.iterdir()) if oms else ():
+        link(entry, data / "models" / "oms" / entry.name)
+    (data / "config.json").write_text(json.dumps(kind.options, indent=2))
+    return data
+
+
 def serve_and_test(name: str, folder: Path, python: Path, kind: Kind, data: Path, checkpoint: Path, hf_home: Path,
                    work: Path, pytest_args: list[str], flags: tuple[str, ...] = (), server_env: dict | None = None,
                    test_env: dict | None = None) -> dict:
@@ -131,10 +148,11 @@ def serve_and_test(name: str, folder: Path, python: Path, kind: Kind, data: Path
     flags = ("--data-dir", str(data), *(("--ckpt", str(data / "models" / "Stable-diffusion" / CHECKPOINT_NAME))
                                         if "--ckpt" in kind.flags else ()), *kind.own_files_flags(folder),
              *kind.start_flags(), *flags)
+    flags += kind.data_flags(data)
     server = Server(folder, python, flags, hf_home, work / "logs" / f"{name}.log", env_changes=server_env)
     result = {"phase": name}
     try:
-        result["start_s"] = server.start()
+        result["start_s"] = server.start(kind.start_timeout_s)
         env = {**os.environ, "SD_WEBUI_URL": server.url, "SD_WEBUI_LOG": str(server.log_path), **(test_env or {})}
         result.update(run_pytest(pytest_args, env, work / "logs" / f"{name}.junit.xml"))
     except Exception as error:  # a server that does not start fails its phase; the folder check still runs
@@ -170,6 +188,10 @@ def first_use(folder: Path, python: Path, kind: Kind, work: Path, checkpoint: Pa
 def the_checkpoint(args, kind: Kind, folder: Path, python: Path, assets: Path, hf_home: Path) -> Path:
     if args.checkpoint:
         return args.checkpoint.resolve()
+    if kind.sdnext:
+        from assets import make_diffusers_model
+
+        return make_diffusers_model(assets / SDNEXT_MODEL, python, hf_home)
     made = assets / CHECKPOINT_NAME
     if made.is_file() or kind.can_make_checkpoint:
         return make_checkpoint(made, python, folder, hf_home)
