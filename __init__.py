@@ -1,4 +1,5 @@
-"""ComfyUI's entry point for the One More Step nodes (``oms_comfyui/``); the AUTOMATIC1111 family reads ``scripts/``.
+"""ComfyUI's entry point for the One More Step nodes (``oms_comfyui/``) and their frontend script (``web/``); the
+AUTOMATIC1111 family reads ``scripts/`` and ``javascript/``.
 
 Outside ComfyUI (pytest collects the repository root as a package and imports this file) there is nothing to load.
 """
@@ -12,4 +13,5 @@ if importlib.util.find_spec("folder_paths") is not None:  # ComfyUI's own module
         sys.path.insert(0, str(Path(__file__).parent))
     from oms_comfyui.nodes import comfy_entrypoint
 
-    __all__ = ["comfy_entrypoint"]
+    WEB_DIRECTORY = "web"  # the frontend script that shows each node's text in the node (ComfyUI serves it)
+    __all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

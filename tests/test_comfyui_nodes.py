@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from lib_oms.runtime import OMSRuntime
 from oms_comfyui import logic
 
 REPO = Path(__file__).resolve().parents[1]
+WEB_SCRIPT = REPO / "web" / "one_more_step.js"  # ComfyUI's frontend loads it (WEB_DIRECTORY)
 SD_SAMPLING = ["ModelSamplingAdvanced", "ModelSamplingDiscrete", "Module", "EPS", "object"]
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,12 +316,61 @@ def test_noise_node_corrects_the_draw_of_its_noise(comfy):
     assert comfy.loaded == [noise.run.patchers]
 
 
-def test_root_package_is_comfyuis_entry_point(comfy):
+def root_package():
+    """The repository's __init__.py, imported as ComfyUI imports a pack from custom_nodes/."""
     spec = importlib.util.spec_from_file_location("one_more_step_pack", REPO / "__init__.py",
                                                   submodule_search_locations=[str(REPO)])
     pack = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pack)
+    return pack
+
+
+def test_root_package_is_comfyuis_entry_point_and_names_the_web_folder(comfy):
+    pack = root_package()
     assert pack.comfy_entrypoint is comfy.nodes.comfy_entrypoint
+    assert set(pack.__all__) == {"comfy_entrypoint", "WEB_DIRECTORY"}
+    assert sorted(path.name for path in (REPO / pack.WEB_DIRECTORY).iterdir()) == [WEB_SCRIPT.name]
+
+
+def test_root_package_exports_nothing_outside_comfyui():
+    assert importlib.util.find_spec("folder_paths") is None
+    pack = root_package()
+    assert not hasattr(pack, "comfy_entrypoint") and not hasattr(pack, "WEB_DIRECTORY")
+
+
+def web_script_nodes() -> set[str]:
+    """The node_ids web/one_more_step.js gives a text box (its NODES_WITH_TEXT)."""
+    (line,) = [line for line in WEB_SCRIPT.read_text().splitlines() if line.startswith("const NODES_WITH_TEXT = [")]
+    return set(re.findall(r'"(\w+)"', line.split("//")[0]))
+
+
+def test_the_web_script_shows_the_text_of_exactly_the_nodes_that_send_one(comfy):
+    """The frontend gets a node's ui as the `executed` message's output: {"text": [one line]} is what the script
+    shows in the node. The loader sends none; both OMS nodes send theirs, whether they apply or pass through."""
+    class RandomNoise:
+        seed = 5
+
+    model, sigmas, oms_module = sd_model(), torch.tensor([14.6, 0.0]), loader(comfy)
+    refiner = sd_model(model_class=stubs.SDXLRefiner, latent_format=stubs.SDXL)
+    sent = {
+        "OneMoreStepLoader": [comfy.nodes.OMSLoader.execute("Automatic", "Automatic", "penultimate", "Automatic",
+                                                            True)],
+        "OneMoreStep": [comfy.nodes.OneMoreStep.execute(node_model, oms_module, "a dark room", "", 1.0, "SDE")
+                        for node_model in (model, refiner)],
+        "OneMoreStepNoise": [comfy.nodes.OMSNoiseNode.execute(RandomNoise(), model, node_sigmas, oms_module,
+                                                              "a dark room", "", 1.0, "SDE")
+                             for node_sigmas in (sigmas, sigmas[:1])],
+    }
+    node_ids = {node.define_schema().kwargs["node_id"]
+                for node in (comfy.nodes.OMSLoader, comfy.nodes.OneMoreStep, comfy.nodes.OMSNoiseNode)}
+    assert set(sent) == node_ids
+    texts = {node_id: [out.ui["text"] if out.ui else None for out in outs] for node_id, outs in sent.items()}
+    assert texts["OneMoreStepLoader"] == [None]
+    for node_id in ("OneMoreStep", "OneMoreStepNoise"):
+        (applied,), (skipped,) = texts[node_id]
+        assert applied.startswith("One More Step: module oms_tiny_15_21 [") and "'a dark room'" in applied
+        assert skipped.startswith("One More Step skipped: ")
+    assert web_script_nodes() == {node_id for node_id, outs in texts.items() if outs != [None]}
 
 
 def test_install_py_does_nothing_without_the_webui(tmp_path):

@@ -17,13 +17,17 @@ is checked to be left as it was.
   checkpoint when the runner made them, else made once with the runner's assets.py into test-webuis/assets (1.6 GB),
   since the nodes load the real OpenCLIP ViT-H/14 architecture.
 - The frontend (needs playwright and a Chromium, tests/browser.py; skipped without them): the documented workflow
-  opened as a file in ComfyUI's own frontend, and run from its Run button.
+  opened as a file in ComfyUI's own frontend and run from its Run button; the One More Step node then shows its
+  summary in its text box (the pack's web/one_more_step.js), and why it skipped when it does.
+  With OMS_SCREENSHOTS_DIR set (as for the WebUI's pictures, tests/webui/test_webui_screenshots.py) it also saves
+  the node showing its summary as <OMS_SCREENSHOTS_KIND, default comfyui>-node-text.png there, for a person to see.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -325,7 +329,7 @@ def runs(server) -> dict:
 def test_server_oms_workflow_changes_the_image_and_says_what_it_did(runs, server):
     (entry, oms), (_, plain) = runs["oms"], runs["plain"]
     assert oms != plain
-    (text,) = entry["outputs"]["3"]["text"]  # shown under the node
+    (text,) = entry["outputs"]["3"]["text"]  # what the node shows in its text box (web/one_more_step.js)
     assert text.startswith(f"One More Step: module {MODULE_NAME} [") and PROMPT in text
     assert server.log.read_text().count("[One More Step] the sampling starts from the OMS latent") == 1, server.tail()
 
@@ -343,6 +347,8 @@ def test_server_oms_bypassed_is_bit_identical_to_the_plain_workflow(runs):
 
 FRONTEND_MS = 180_000
 WIDGETS_SMALL = {"1": {"ckpt_name": CHECKPOINT_NAME}, "6": {"width": 64, "height": 64}, "7": {"steps": 2}}
+OWN_SCRIPT = "one_more_step.js"  # web/: ComfyUI serves it as /extensions/<the pack's folder>/one_more_step.js
+NODE_TEXT = "textarea.one-more-step-text"  # the text box it adds to the One More Step nodes
 
 
 def close_dialogs(page) -> None:
@@ -359,28 +365,95 @@ def close_dialogs(page) -> None:
         page.wait_for_timeout(500)
 
 
-def test_browser_the_documented_workflow_opens_and_runs_in_comfyuis_frontend(server):
-    """docs/comfyui_workflow_api.json opened as a user opens a file: the frontend knows every node (the graph it
-    builds gives back the same prompt), and, made small (our random checkpoint, 64 px, 2 steps), Run makes the image
-    with One More Step's text under its node."""
+def run_in_the_page(page, server) -> dict:
+    """Presses Run and returns the prompt's history entry once it has run (it must have succeeded)."""
+    with page.expect_response(lambda answer: answer.url.endswith("/prompt")
+                              and answer.request.method == "POST") as queued:
+        page.get_by_test_id("queue-button").click()  # Run
+    return server.finished(queued.value.json()["prompt_id"])
+
+
+def node_text(page, node_id: int):
+    """The One More Step node's text box, once the node is centred on the canvas: the one box of the graph, and
+    that node's own widget."""
+    page.evaluate("id => window.app.canvas.centerOnNode(window.app.graph.getNodeById(id))", node_id)
+    box = page.locator(NODE_TEXT)
+    assert box.count() == 1 and page.evaluate(
+        """([id, selector]) => window.app.graph.getNodeById(id).widgets.some(
+               widget => widget.element === document.querySelector(selector))""", [node_id, NODE_TEXT])
+    return box
+
+
+def save_node_picture(page, node_id: int, path: Path) -> None:
+    """A PNG of the node as it is drawn (for a person to look at), with a margin of canvas around it."""
+    clip = page.evaluate("""id => {
+        const canvas = window.app.canvas, node = window.app.graph.getNodeById(id);
+        const [x, y, width, height] = node.boundingRect, [left, top] = canvas.convertOffsetToCanvas([x, y]);
+        const page = canvas.canvas.getBoundingClientRect(), margin = 20;
+        return {x: page.left + left - margin, y: page.top + top - margin,
+                width: width * canvas.ds.scale + 2 * margin, height: height * canvas.ds.scale + 2 * margin}; }""",
+                         node_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=path, clip=clip)
+
+
+@pytest.fixture(scope="module")
+def frontend(server):
+    """ComfyUI's frontend in a browser with docs/comfyui_workflow_api.json opened as a user opens a file; page.errors
+    collects the errors of the pack's own script."""
     import browser
 
-    documented = json.loads(DOCS_WORKFLOW.read_text())
-    with browser.opened(server.url, "#graph-canvas", FRONTEND_MS) as page:  # the pack has no script of its own
+    with browser.opened(server.url, "#graph-canvas", FRONTEND_MS, own_script=OWN_SCRIPT) as page:
         page.wait_for_function("() => window.app && window.app.graph && window.app.vueAppReady", timeout=FRONTEND_MS)
         page.set_input_files("#comfy-file-input", str(DOCS_WORKFLOW))  # Workflow → Open
-        page.wait_for_function("n => window.app.graph.nodes.length === n", arg=len(documented), timeout=60_000)
+        page.wait_for_function("n => window.app.graph.nodes.length === n",
+                               arg=len(json.loads(DOCS_WORKFLOW.read_text())), timeout=60_000)
         close_dialogs(page)  # the templates a new user is shown
-        built = page.evaluate("async () => (await window.app.graphToPrompt()).output")
-        assert {key: {"class_type": node["class_type"], "inputs": node["inputs"]} for key, node in built.items()} \
-            == documented
-        page.evaluate("""small => { for (const node of window.app.graph.nodes)
-                for (const [name, value] of Object.entries(small[node.id] || {}))
-                    node.widgets.find(widget => widget.name === name).value = value; }""", WIDGETS_SMALL)
-        with page.expect_response(lambda answer: answer.url.endswith("/prompt")
-                                  and answer.request.method == "POST") as queued:
-            page.get_by_test_id("queue-button").click()  # Run
-        entry = server.finished(queued.value.json()["prompt_id"])
-        (text,) = entry["outputs"]["3"]["text"]
-        assert text.startswith(f"One More Step: module {MODULE_NAME} [") and PROMPT in text
-        assert len(entry["outputs"]["9"]["images"]) == 1
+        yield page
+
+
+def test_browser_the_documented_workflow_opens_and_runs_with_the_nodes_text_in_the_node(frontend, server):
+    """docs/comfyui_workflow_api.json opened in ComfyUI's own frontend: the frontend knows every node (the graph it
+    builds gives back the same prompt, so the text box is not sent as an input), and, made small (our random
+    checkpoint, 64 px, 2 steps), Run makes the image and the One More Step node shows its summary in its text box.
+    With OMS_SCREENSHOTS_DIR set, the node is saved there as a PNG."""
+    import browser
+
+    page = frontend
+    built = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    assert {key: {"class_type": node["class_type"], "inputs": node["inputs"]} for key, node in built.items()} \
+        == json.loads(DOCS_WORKFLOW.read_text())
+    browser.expect(node_text(page, 3)).to_have_value("")  # before the first run: its placeholder only
+    page.evaluate("""small => { for (const node of window.app.graph.nodes)
+            for (const [name, value] of Object.entries(small[node.id] || {}))
+                node.widgets.find(widget => widget.name === name).value = value; }""", WIDGETS_SMALL)
+    entry = run_in_the_page(page, server)
+    assert len(entry["outputs"]["9"]["images"]) == 1
+    box = node_text(page, 3)
+    browser.expect(box).to_be_visible()
+    browser.expect(box).to_have_value(re.compile(rf"^One More Step: module {MODULE_NAME} \[.*'{PROMPT}'"))
+    assert box.evaluate("box => box.readOnly")
+    if os.environ.get("OMS_SCREENSHOTS_DIR"):
+        save_node_picture(page, 3, Path(os.environ["OMS_SCREENSHOTS_DIR"])
+                          / f"{os.environ.get('OMS_SCREENSHOTS_KIND', 'comfyui')}-node-text.png")
+    assert not page.errors, f"the pack's script failed in the page: {page.errors}"
+
+
+def test_browser_a_skipping_node_says_why_in_the_node_instead(frontend, server):
+    """An x0-prediction model (ModelSamplingDiscrete put before One More Step in the page): the node passes it
+    through, and its text box holds only why (after the summary of the test above, replaced, not added to)."""
+    import browser
+
+    page = frontend
+    page.evaluate("""() => {
+        const graph = window.app.graph, sampling = window.LiteGraph.createNode("ModelSamplingDiscrete");
+        graph.add(sampling);
+        sampling.widgets.find(widget => widget.name === "sampling").value = "x0";
+        graph.getNodeById(1).connect(0, sampling, 0);
+        sampling.connect(0, graph.getNodeById(3), 0); }""")
+    run_in_the_page(page, server)
+    box = node_text(page, 3)
+    browser.expect(box).to_be_visible()
+    browser.expect(box).to_have_value(
+        re.compile(r"^One More Step skipped: the model samples with ModelSamplingDiscrete \+ X0\b[^\n]*$"))
+    assert not page.errors, f"the pack's script failed in the page: {page.errors}"
