@@ -44,18 +44,20 @@ def named_module(name: str, entries: Sequence, searched: Sequence[Path], words: 
 def choose_module(choice: str, entries: Sequence, latent_space: str, default_name: str,
                   latent_space_of: Callable[[object], str], searched: Sequence[Path], words: HostWords):
     """The module entry to use: the one named, or for "Automatic" the default set for this latent space, else the
-    first found module of this latent space. Raises ModuleFileError (ModuleMissingError when "Automatic" finds no
-    module of this latent space, which a download can fix) saying what to download and where."""
+    authors' released module for it when found, else the first found module of this latent space. Raises
+    ModuleFileError (ModuleMissingError when "Automatic" finds no module of this latent space, which a download can
+    fix) saying what to download and where."""
     if choice != AUTOMATIC:
         return named_module(choice, entries, searched, words)
     where = ", ".join(str(path) for path in searched)
     by_name = {entry.name: entry for entry in entries}
-    if default_name and default_name in by_name and latent_space_of(by_name[default_name]) == latent_space:
-        return by_name[default_name]
+    released = RELEASED_MODULES.get(latent_space)
+    for preferred in (default_name, released.folder if released else ""):
+        if preferred and preferred in by_name and latent_space_of(by_name[preferred]) == latent_space:
+            return by_name[preferred]
     for entry in entries:
         if latent_space_of(entry) == latent_space:
             return entry
-    released = RELEASED_MODULES.get(latent_space)
     wanted = released.describe() if released else f"an OMS module trained for the {latent_space} latent space"
     raise ModuleMissingError(f"no OMS module for this checkpoint's latent space ({latent_space}) was found in {where}: "
                           f"download {wanted} into one of these folders (see models/README.md)")

@@ -31,7 +31,9 @@ def clean_prompt(prompt: str, steps: int) -> str:
     for subprompt in subprompts:
         first_step = prompt_parser.get_learned_conditioning_prompt_schedules([subprompt], max(int(steps), 1))[0][0][1]
         chunks = prompt_parser.parse_prompt_attention(first_step)  # BREAK comes as ["BREAK", -1]
-        text = "".join(" " if (chunk, weight) == ("BREAK", -1) else chunk for chunk, weight in chunks)
+        # Chunks are joined by a space: the WebUIs tokenize each chunk apart (a chunk boundary is a word boundary), and
+        # SD.Next's parser strips the spaces around chunks ("a (b:1.2) c" gives "a", "b", "c").
+        text = " ".join(" " if (chunk, weight) == ("BREAK", -1) else chunk for chunk, weight in chunks)
         words = " ".join(text.split())
         if words:
             cleaned.append(words)

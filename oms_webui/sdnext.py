@@ -33,9 +33,11 @@ def custom_timesteps(p) -> bool:
 
 
 def job_skip_reason(p) -> str | None:
-    from modules import processing_helpers
+    from modules import processing
 
-    if not processing_helpers.is_txt2img():
+    # By the class of p: SD.Next's processing_helpers.is_txt2img() reads the task of the pipeline, which SD.Next sets
+    # only when the pipeline runs, after the scripts' process(): there it still says what the last generation was.
+    if isinstance(p, processing.StableDiffusionProcessingImg2Img):  # control's processing is one too
         return ("SD.Next hands a start latent only to text-to-image pipelines: img2img, inpainting and control start "
                 "from their image")
     if custom_timesteps(p):

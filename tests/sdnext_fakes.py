@@ -56,7 +56,7 @@ def create_random_tensors(shape, seeds, subseeds=None, subseed_strength=0.0, see
 
 @dataclass
 class Processing:
-    """The fields of SD.Next's StableDiffusionProcessingTxt2Img the extension reads."""
+    """The fields of SD.Next's StableDiffusionProcessingTxt2Img the extension reads (its processing_class.py)."""
 
     sd_model: object = None
     prompt: str = "a dark alley"
@@ -73,6 +73,14 @@ class Processing:
     init_latent: torch.Tensor | None = None
     generator: object = None
     extra_generation_params: dict = field(default_factory=dict)
+
+
+@dataclass
+class Img2ImgProcessing(Processing):
+    """SD.Next's StableDiffusionProcessingImg2Img (its control tab's processing is a subclass of it)."""
+
+    init_images: list = field(default_factory=list)
+    denoising_strength: float = 0.75
 
 
 class InitLatents:
@@ -101,6 +109,8 @@ def make_modules(models_path, opts: dict | None = None):
             delattr(package, name)
     subs["processing_args"] = types.ModuleType("modules.processing_args")
     helpers = subs["processing_helpers"] = types.ModuleType("modules.processing_helpers")
+    # The task of the pipeline as the last generation left it: SD.Next sets it when the pipeline runs, after the
+    # scripts' process().
     helpers.is_txt2img = lambda: helpers.task == "txt2img"
     helpers.task = "txt2img"
     helpers.is_refiner_enabled = lambda p: False
@@ -119,6 +129,8 @@ def make_modules(models_path, opts: dict | None = None):
 
     helpers.update_sampler = update_sampler
     subs["processing"].Processed = Processed
+    subs["processing"].StableDiffusionProcessingTxt2Img = Processing
+    subs["processing"].StableDiffusionProcessingImg2Img = Img2ImgProcessing
     for name, module in subs.items():
         setattr(package, name, module)
     return package, subs

@@ -163,6 +163,10 @@ def test_choose_module():
     assert choose("Automatic", found, "sd", "oms_sd_b", space, []).name == "oms_sd_b"
     assert choose("Automatic", found, "sd", "oms_xl", space, []).name == "oms_sd_a"  # wrong-space default
     assert choose("oms_xl", found, "sd", "Automatic", space, []).name == "oms_xl"  # checked by the caller
+    # the authors' released module is preferred to other modules of its latent space found before it
+    with_released = found + entries(("oms_b_openclip_15_21", "sd"))
+    assert choose("Automatic", with_released, "sd", "Automatic", space, []).name == "oms_b_openclip_15_21"
+    assert choose("Automatic", with_released, "sd", "oms_sd_b", space, []).name == "oms_sd_b"  # the setting first
     with pytest.raises(ModuleFileError, match="'nope' was not found in /m: put it there and refresh the test host's "
                                               "list") as named:
         choose("nope", found, "sd", "Automatic", space, [Path("/m")])

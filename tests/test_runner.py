@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 HARNESS = Path(__file__).resolve().parent / "webui" / "harness"
 sys.path.insert(0, str(HARNESS))
 
+import assets  # noqa: E402
 import host  # noqa: E402
 import run  # noqa: E402
 
@@ -64,7 +66,7 @@ def test_forge_neo_gets_only_the_flags_it_has(tmp_path):
                               "README.md": '<h1 align="center">Stable Diffusion WebUI Forge - Neo</h1>\n',
                               "modules/launch_utils.py": 'VERSION_UID: Final[str] = "PY313"\n'})
     kind = host.detect(folder)
-    assert kind.name == "Forge Neo"
+    assert kind.name == "Forge Neo" and not kind.ztsnr_key  # this fake has no backend/loader.py
     assert kind.start_flags() == ("--skip-prepare-environment", "--api", "--server-name", "127.0.0.1", "--cpu")
     assert kind.own_files_flags(folder) == ()  # this fake lacks --gradio-allowed-path
     data = run.data_folder(tmp_path / "work", "tests", kind, tmp_path / "ckpt.safetensors", None)
@@ -225,12 +227,17 @@ def test_sdnext_is_recognised_and_started_offline_with_a_diffusers_model(tmp_pat
     assert kind.test_set() == () and kind.start_timeout_s > 900
     model = tmp_path / "assets" / host.SDNEXT_MODEL
     model.mkdir(parents=True)
-    data = run.data_folder(tmp_path / "work", "tests", kind, model, None)
+    oms = tmp_path / "assets" / "oms"
+    oms.mkdir()
+    data = run.data_folder(tmp_path / "work", "tests", kind, model, oms)
     assert (data / "extensions" / host.EXTENSION_NAME).resolve() == host.REPO
     assert (data / "models" / "Diffusers" / host.SDNEXT_MODEL).resolve() == model
     assert not (data / "models" / "Stable-diffusion").exists() and (data / "models" / "oms").is_dir()
     assert json.loads((data / "config.json").read_text()) == {"offline_mode": True,
                                                               "sd_model_checkpoint": f"Diffusers/{host.SDNEXT_MODEL}"}
+    # its offline mode sets HF_HUB_OFFLINE, which keeps One More Step from downloading: not on the first-use day
+    first_use = run.data_folder(tmp_path / "work", "first-use", kind, model, None)
+    assert json.loads((first_use / "config.json").read_text())["offline_mode"] is False
     assert kind.data_flags(data) == ("--log", str(data / "sdnext.log"))  # else it logs into its own folder
 
 
@@ -242,3 +249,32 @@ def test_sdnext_without_its_offline_flag_is_refused_saying_why(tmp_path):
 def test_other_webuis_take_no_sdnext_flags(tmp_path):
     kind = host.detect(webui(tmp_path, {"modules/cmd_args.py": A1111_ARGS}))
     assert not kind.sdnext and kind.data_flags(tmp_path) == () and kind.start_timeout_s == 900
+
+
+def test_a_webui_whose_loader_reads_a_ztsnr_key_gets_a_checkpoint_with_one(tmp_path):
+    """Forge Neo's backend/loader.py turns on zero-terminal SNR for a checkpoint with a "ztsnr" key: the runner then
+    makes such a checkpoint, the test checkpoint's tensors and that key, for test_webui_forge_neo.py."""
+    from safetensors.torch import load_file, save_file
+
+    folder = webui(tmp_path, {"modules/paths_internal.py": flags("--data-dir"), "modules_forge/__init__.py": "",
+                              "backend/loader.py": '    guess.ztsnr = "ztsnr" in sd\n'})
+    assert host.detect(folder).ztsnr_key
+    source = tmp_path / "plain.safetensors"
+    save_file({"w": torch.arange(3.0)}, str(source))
+    made = assets.make_ztsnr_checkpoint(tmp_path / "z.safetensors", source)
+    tensors = load_file(made)
+    assert set(tensors) == {"w", "ztsnr"} and torch.equal(tensors["w"], torch.arange(3.0))
+
+
+def test_the_first_use_hub_serves_the_released_module_and_text_encoder_repositories(tmp_path):
+    from lib_oms.catalog import RELEASED_MODULES
+    from lib_oms.download import TEXT_ENCODER_REPOS
+
+    encoder = tmp_path / "oms" / "text_encoder"
+    encoder.mkdir(parents=True)
+    (encoder / "config.json").write_text("{}")
+    (encoder / "model.safetensors").write_bytes(b"weights")
+    repos = assets.first_use_repos(tmp_path / "oms")
+    assert set(repos) == {RELEASED_MODULES["sd"].repo, TEXT_ENCODER_REPOS[0]}
+    assert repos[TEXT_ENCODER_REPOS[0]]["text_encoder/model.fp16.safetensors"] == b"weights"
+    assert any(path.endswith("diffusion_pytorch_model.fp16.safetensors") for path in repos[RELEASED_MODULES["sd"].repo])

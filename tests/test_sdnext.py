@@ -111,11 +111,19 @@ def test_a_second_batch_draws_its_own_noise_not_the_first_batchs_start(sdnext, p
     assert p.init_latent is not first_batch and torch.allclose(p.init_latent, alone.init_latent, atol=1e-6)
 
 
-def test_img2img_is_skipped_saying_why(sdnext, pipe):
+def test_img2img_is_skipped_saying_why_even_right_after_a_txt2img(sdnext, pipe):
+    """The pipeline's task still says text-to-image (the last generation's) when the scripts' process() runs."""
+    sdnext.modules["processing_helpers"].task = "txt2img"
+    p = sdnext_fakes.Img2ImgProcessing(sd_model=pipe, prompts=["a dark alley"], seeds=[3], subseeds=[3])
+    sdnext.run(p, ON)
+    assert "only to text-to-image pipelines" in p.extra_generation_params["OMS skipped"] and p.init_latent is None
+
+
+def test_txt2img_right_after_an_img2img_applies(sdnext, pipe):
     sdnext.modules["processing_helpers"].task = "img2img"
     p = txt2img(pipe)
     sdnext.run(p, ON)
-    assert "only to text-to-image pipelines" in p.extra_generation_params["OMS skipped"] and p.init_latent is None
+    assert "OMS skipped" not in p.extra_generation_params and p.init_latent is not None
 
 
 def test_a_zero_terminal_snr_schedule_is_skipped_and_the_image_is_the_one_without_oms(sdnext, tmp_path):
@@ -158,3 +166,17 @@ def test_the_oms_axes_join_sdnexts_xyz_grid(sdnext, pipe, monkeypatch, models):
     axes["[OMS] CFG"].apply(p, 1.5, [1.5])
     sdnext.run(p, OFF)  # a cell of an OMS axis turns OMS on
     assert p.extra_generation_params["OMS CFG"] == 1.5 and p.init_latent is not None
+
+
+def test_the_oms_prompt_keeps_its_words_with_sdnexts_parser(sdnext, monkeypatch):
+    """SD.Next's parse_prompt_attention strips the spaces around chunks: these are its answers (058a7f0). The words
+    must not run together."""
+    from oms_webui.generation import clean_prompt
+
+    sdnext_chunks = {
+        "a (bright:1.3) white ((snowfield))": [["a", 1.0], ["bright", 1.3], ["white", 1.0], ["snowfield", 1.21]],
+        "a bright BREAK white snowfield": [["a bright", 1.0], ["BREAK", -1], ["white snowfield", 1.0]],
+    }
+    monkeypatch.setattr(sdnext.modules["prompt_parser"], "parse_prompt_attention", sdnext_chunks.__getitem__)
+    for prompt in sdnext_chunks:
+        assert clean_prompt(prompt, 2) == "a bright white snowfield"

@@ -89,6 +89,18 @@ def test_prompt_solver_and_module_arguments_reach_the_step(generate, oms_on):
     assert made["module"].params()["OMS module"].startswith("oms_s_sd15_test [")
 
 
+def test_the_oms_prompt_is_read_at_the_first_step_as_the_webui_parses_it(generate):
+    """The WebUI's own prompt parser reads the OMS prompt: prompt editing at its first step, emphasis and BREAK
+    removed. Each of these reads "a bright white snowfield" and so makes the very image of that plain prompt."""
+    plain = generate(api.payload({"enabled": True, "prompt": "a bright white snowfield"}))
+    for written in ("a [bright:dark:0.9] white snowfield", "a (bright:1.3) white ((snowfield))",
+                    "a bright BREAK white snowfield"):
+        read = generate(api.payload({"enabled": True, "prompt": written}))
+        assert api.same_pixels(read.images[0], plain.images[0]), f"{written!r} was not read as the plain prompt"
+    other = generate(api.payload({"enabled": True, "prompt": "a [dark:bright:0.9] white snowfield"}))
+    assert not api.same_pixels(other.images[0], plain.images[0]), "prompt editing was not read at the first step"
+
+
 def test_infotext_pastes_back_through_the_api(generate, oms_on):
     """The API's ``infotext`` field fills the script's arguments from the infotext (infotext_fields)."""
     pasted = generate({key: value for key, value in api.BASE_PAYLOAD.items() if key in ("save_images", "send_images")}
@@ -187,10 +199,18 @@ def test_batch_of_two_equals_two_single_images(generate, oms_on, baseline):
     second = generate(api.payload({"enabled": True}, seed=seed + 1))
     assert len(batch.images) == 2
     assert [int(batch.params(i)["Seed"]) for i in range(2)] == [seed, seed + 1]
-    # Batched UNet calls round differently in the last bit (measured: pixels off by at most 1, mean 3e-4); anything
-    # OMS gets wrong per image (another image's prompt, seed or z) changes most pixels by far more.
+    # Batched UNet calls round differently from single ones (A1111: pixels off by at most 1, mean 3e-4; SD.Next's
+    # diffusers pipelines by up to 13 grey levels, mean 0.5, without One More Step too): the bound is twice what the
+    # WebUI itself does without OMS, at least 2 levels and 0.05. Anything OMS gets wrong per image (another image's
+    # prompt, seed or z) changes most pixels by far more.
+    plain_batch = generate(api.payload(batch_size=2))
+    plain_second = generate(api.payload(seed=seed + 1))
+    plain_pairs = ((plain_batch.images[0], baseline.images[0]), (plain_batch.images[1], plain_second.images[0]))
+    max_bound = max(2, 2 * max(api.max_abs_diff(got, want) for got, want in plain_pairs))
+    mean_bound = max(0.05, 2 * max(api.mean_abs_diff(got, want) for got, want in plain_pairs))
     for got, want in ((batch.images[0], oms_on.images[0]), (batch.images[1], second.images[0])):
-        assert api.max_abs_diff(got, want) <= 2 and api.mean_abs_diff(got, want) < 0.05, api.mean_abs_diff(got, want)
+        assert api.max_abs_diff(got, want) <= max_bound and api.mean_abs_diff(got, want) < mean_bound, (
+            api.max_abs_diff(got, want), api.mean_abs_diff(got, want), max_bound, mean_bound)
     assert api.mean_abs_diff(batch.images[0], baseline.images[0]) > 1.0
     assert all(batch.params(i)["OMS"] == "True" for i in range(2))
 

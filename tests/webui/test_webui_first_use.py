@@ -98,7 +98,7 @@ def test_the_first_oms_request_downloads_then_makes_an_oms_image(first_use, base
     assert params["OMS module"] == f"{MODULE} [{sha256(weights)[:10]}]"  # the downloaded file made the image
     assert api.mean_abs_diff(made.images[0], baseline.images[0]) > 1.0
     # The step read its prompt with the downloaded text encoder; the console showed both downloads' progress.
-    assert re.search(r"text encoder: \S*/models/oms/text_encoder \(openclip-h", first_use.console), first_use.console
+    assert re.search(r"text encoder \S*/models/oms/text_encoder \(openclip-h", first_use.console), first_use.console
     assert f"One More Step: {MODULE}" in first_use.console and "One More Step: text_encoder" in first_use.console
 
 
@@ -133,8 +133,10 @@ def test_only_the_needed_files_were_fetched(first_use):
     assert len(cdn) == sum(path.endswith(".safetensors") for _repo, path in WANTED)
     # Every request was about the two repositories: none from the WebUI itself (its model, loaded in the background
     # at the start, may have finished only during this request), none for another text-encoder source.
+    # huggingface_hub 1.x fetches its agent registry (/api/agent-harnesses) once a day on its first call: about no
+    # repository, so not counted.
     asked = {"/".join(request.path.removeprefix("/api/models").split("/")[1:3]) for request in first_use.hub_during
-             if not request.path.startswith("/cdn/")}
+             if not request.path.startswith(("/cdn/", "/api/agent-harnesses"))}
     assert asked == {MODULE_REPO, MIRROR_REPO}
 
 

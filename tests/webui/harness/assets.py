@@ -4,13 +4,15 @@
   tokenizer from there; Forge and reForge ship their own): vocab.json and merges.txt made from the BPE vocabulary that
   open_clip ships, config.json from transformers' own CLIP defaults of that model.
 - ``sd15_random.safetensors``: one random SD 1.5 checkpoint for every WebUI tested (make_checkpoint.py).
+- ``sd15_random_ztsnr.safetensors``: for Forge Neo, the same checkpoint with a ``ztsnr`` key (make_ztsnr_checkpoint).
 - ``sd15-tiny-random/``: for SD.Next, which loads diffusers folders, a small random SD 1.5-shaped model in diffusers'
   layout (make_diffusers_model.py), its tokenizer the CLIP BPE of ``hf/``.
 - ``oms/``: what the tests expect in ``<webui>/models/oms/``: a random OMS-B module in the released folder layout
   (``oms_b_openclip_15_21``), two small OMS-S modules (``oms_s_sd15_test`` for the module argument,
   ``oms_s_openclip_xl_test`` for the wrong-latent-space error) and a random OpenCLIP ViT-H/14 text encoder in
-  SD 2.x's ``text_encoder`` layout; ``broken_for_tests.safetensors``, a lone OMS-B file with a NaN weight, which
-  loads completely before it is refused (the memory test of failed requests needs such a late failure).
+  SD 2.x's ``text_encoder`` layout; ``broken_for_tests.safetensors``, a lone OMS-B file with a NaN weight (its
+  latent space in ``broken_for_tests.json``), which loads completely before it is refused (the memory test of failed
+  requests needs such a late failure).
 - ``extra_oms/``: a folder for ``--oms-models-dir`` holding ``oms_s_extra_dir_test``.
 
 For the first-use phase, ``first_use_repos`` gives what the fake Hugging Face hub serves (made in memory).
@@ -18,6 +20,7 @@ For the first-use phase, ``first_use_repos`` gives what the fake Hugging Face hu
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +76,19 @@ def make_checkpoint(path: Path, python: Path, webui: Path, hf_home: Path) -> Pat
     return path
 
 
+def make_ztsnr_checkpoint(path: Path, checkpoint: Path) -> Path:
+    """``checkpoint`` with one more tensor, ``ztsnr``: Forge Neo's loader turns on its zero-terminal-SNR schedule for
+    a checkpoint whose state dict has that key, whatever its settings say."""
+    if not path.is_file():
+        from safetensors.torch import load_file, save_file
+
+        log(f"making {path}: {checkpoint.name} with a ztsnr key")
+        tensors = load_file(checkpoint)
+        tensors["ztsnr"] = torch.ones(())
+        save_file(tensors, path)
+    return path
+
+
 def make_diffusers_model(path: Path, python: Path, hf_home: Path) -> Path:
     """A small random SD 1.5-shaped diffusers folder at ``path``, made once with the diffusers and transformers of
     the WebUI's Python (make_diffusers_model.py), its tokenizer the one make_clip_l_cache laid out."""
@@ -110,6 +126,8 @@ def make_oms_folders(assets: Path) -> tuple[Path, Path]:
         state = random_state_dict(oms_b_config(), seed=3)  # fp32: 616 MB read before the NaN is found
         state["conv_out.weight"][0, 0, 0, 0] = float("nan")
         save_file(state, str(broken))
+    # Its latent space said beside it: a module that does not say is refused before it is read.
+    broken.with_suffix(".json").write_text(json.dumps({"latent_space": "sd"}))
     encoder = oms / "text_encoder"
     if not (encoder / "model.safetensors").is_file():
         log(f"making the random OpenCLIP ViT-H/14 text encoder {encoder}")
@@ -133,10 +151,11 @@ def first_use_repos(oms: Path) -> dict[str, dict[str, bytes]]:
     from factories import oms_s_config
     from hub_fixtures import diffusers_mirror, released_module_files
 
-    from lib_oms.download import MODULE_REPOS, TEXT_ENCODER_REPOS
+    from lib_oms.catalog import RELEASED_MODULES
+    from lib_oms.download import TEXT_ENCODER_REPOS
 
     encoder = oms / "text_encoder"
     text_encoder = {"config.json": (encoder / "config.json").read_bytes(),
                     "model.fp16.safetensors": (encoder / "model.safetensors").read_bytes()}
-    return {MODULE_REPOS["sd"]: released_module_files("sd", oms_s_config(), seed=21, text_encoder=None),
+    return {RELEASED_MODULES["sd"].repo: released_module_files("sd", oms_s_config(), seed=21, text_encoder=None),
             TEXT_ENCODER_REPOS[0]: diffusers_mirror(text_encoder)}

@@ -58,6 +58,7 @@ class Kind:
     can_make_checkpoint: bool  # has the ldm package and configs/v1-inference.yaml that make_checkpoint.py uses
     options: dict = field(default_factory=dict)  # settings the scratch config.json starts with
     sdnext: bool = False  # SD.Next: diffusers models, its own installer flags, another X/Y/Z and UI
+    ztsnr_key: bool = False  # a checkpoint's "ztsnr" key turns on a zero-terminal-SNR schedule (Forge Neo's loader)
 
     def cpu_flags(self) -> tuple[str, ...]:
         """How this WebUI is told to run everything on the CPU, in full precision."""
@@ -164,8 +165,10 @@ def detect(folder: Path) -> Kind:
     options = {"live_previews_enable": False} if name == "reForge" else {}  # its live preview would download a model
     options.update(settings_version(folder))
     ldm = folder / "repositories" / "stable-diffusion-stability-ai" / "ldm"
+    loader = folder / "backend" / "loader.py"
+    ztsnr_key = loader.is_file() and '"ztsnr" in' in loader.read_text(errors="replace")
     return Kind(name, forge_family, flags, ldm.is_dir() and (folder / "configs" / "v1-inference.yaml").is_file(),
-                options)
+                options, ztsnr_key=ztsnr_key)
 
 
 # What the runner names SD.Next's test model: <data-dir>/models/Diffusers/<this>, which SD.Next lists as

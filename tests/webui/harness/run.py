@@ -1,7 +1,8 @@
 """Runs tests/webui against a WebUI that is already installed, without touching anything of its user's.
 
     .venv/bin/python tests/webui/harness/run.py --webui ~/stable-diffusion-webui [--python PY] [--work DIR]
-                                                [--checkpoint FILE] [--all] [--no-first-use] [-- PYTEST_ARGS]
+                                                [--checkpoint FILE] [--all] [--no-first-use] [--beside FOLDER]
+                                                [-- PYTEST_ARGS]
 
 Run it with the repository's test environment (.venv, made by the README's test command). ``--python`` is the Python
 the WebUI runs with (default: its ``venv/bin/python``); it needs the extension's requirements (requirements.txt), which
@@ -16,7 +17,8 @@ the extension's install.py installs on a normal start. The runner
 3. starts the WebUI on 127.0.0.1 with ``--data-dir`` set to a scratch folder in the work folder, whose extensions/
    links to this checkout and whose models/ hold the test files, and with HF_HOME set to the work folder: the
    WebUI's own models, extensions, config.json, ui-config.json and the user's Hugging Face cache are not read or
-   written. Beside the extension, the tests phase links the test-only probe extension (tests/webui/probe/), which
+   written. Beside the extension, the tests phase links the extensions named by ``--beside`` (for
+   test_webui_beside_extensions.py) and the test-only probe extension (tests/webui/probe/), which
    records what the WebUI really has where tests/webui_fakes.py stands in for it (logs/fakes-probe.json), for
    test_webui_fakes_match.py;
 4. runs the tests/webui set that fits the kind (all for A1111; smoke, X/Y/Z, browser and the fakes check for the
@@ -45,7 +47,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import host  # noqa: E402
-from assets import EXTRA_MODULE_NAME, first_use_repos, make_checkpoint, make_clip_l_cache, make_oms_folders  # noqa: E402
+from assets import (  # noqa: E402
+    EXTRA_MODULE_NAME,
+    first_use_repos,
+    make_checkpoint,
+    make_clip_l_cache,
+    make_oms_folders,
+    make_ztsnr_checkpoint,
+)
 from host import EXTENSION_NAME, REPO, SDNEXT_MODEL, Kind, log  # noqa: E402
 from server import Server  # noqa: E402
 
@@ -58,6 +67,7 @@ from tests.fake_hub import FakeHub  # noqa: E402
 # Not a hidden folder: the WebUIs' gradio refuses to serve files (their own JavaScript too) under a ".name" folder.
 WORK_FOLDER = "test-webuis"
 CHECKPOINT_NAME = "sd15_random.safetensors"
+ZTSNR_CHECKPOINT_NAME = "sd15_random_ztsnr.safetensors"
 FIRST_USE_TESTS = "tests/webui/test_webui_first_use.py"
 SOURCE_TESTS = "tests/test_webui_support.py::test_fake_prompt_parser_reads_the_first_step_as_the_webui"
 PROBE = REPO / "tests" / "webui" / "probe"
@@ -137,7 +147,10 @@ def sdnext_data_folder(work: Path, name: str, kind: Kind, model: Path, oms: Path
     (data / "models" / "oms").mkdir(parents=True)
     for entry in sorted(oms.iterdir()) if oms else ():
         link(entry, data / "models" / "oms" / entry.name)
-    (data / "config.json").write_text(json.dumps(kind.options, indent=2))
+    # SD.Next's offline mode sets HF_HUB_OFFLINE for its whole process when it loads a model, which rightly keeps One
+    # More Step from downloading: the first-use phase (oms None, a fake hub on 127.0.0.1) runs without it.
+    options = {**kind.options, "offline_mode": False} if oms is None else kind.options
+    (data / "config.json").write_text(json.dumps(options, indent=2))
     return data
 
 
@@ -229,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="all of tests/webui whatever the kind")
     parser.add_argument("--no-first-use", action="store_true", help="skip the first-use phase")
     parser.add_argument("--first-use-only", action="store_true", help="only the first-use phase")
+    parser.add_argument("--beside", type=Path, action="append", default=[], metavar="FOLDER",
+                        help="an installed extension to link beside this one for the tests phase "
+                             "(test_webui_beside_extensions.py); repeatable")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments for tests/webui (after --)")
     args = parser.parse_args(argv)
 
@@ -261,7 +277,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.first_use_only:
             data = data_folder(work, "tests", kind, checkpoint, oms)
             seams_files.write(data, checkpoint)
-            link(PROBE, data / "extensions" / PROBE_NAME)
+            if not kind.sdnext:  # the probe records what tests/webui_fakes.py copies: the A1111 family's objects
+                link(PROBE, data / "extensions" / PROBE_NAME)
+            for other in args.beside:
+                link(other.expanduser(), data / "extensions" / other.expanduser().resolve().name)
+            ztsnr_env = {}
+            if kind.ztsnr_key:
+                link(make_ztsnr_checkpoint(assets / ZTSNR_CHECKPOINT_NAME, checkpoint),
+                     data / "models" / "Stable-diffusion" / ZTSNR_CHECKPOINT_NAME)
+                ztsnr_env = {"SD_WEBUI_ZTSNR_CHECKPOINT": ZTSNR_CHECKPOINT_NAME}
             probe_file = work / "logs" / PROBE_FILE
             probe_file.unlink(missing_ok=True)
             results.append(serve_and_test("tests", folder, python, kind, data, checkpoint, hf_home, work,
@@ -269,9 +293,15 @@ def main(argv: list[str] | None = None) -> int:
                                           flags=("--oms-models-dir", str(extra_oms)),
                                           server_env={"OMS_FAKES_PROBE": str(probe_file)},
                                           test_env={"SD_WEBUI_OMS_EXTRA_MODULE": EXTRA_MODULE_NAME,
-                                                    "SD_WEBUI_PROBE": str(probe_file), "SD_WEBUI_KIND": kind.name}))
-            results.append({"phase": "WebUI source", **run_pytest(
-                [SOURCE_TESTS], {**os.environ, "SD_WEBUI_DIR": str(folder)}, work / "logs" / "source.junit.xml")})
+                                                    "SD_WEBUI_PROBE": str(probe_file), "SD_WEBUI_KIND": kind.name,
+                                                    **ztsnr_env}))
+            if kind.sdnext:
+                log("no prompt-parser comparison: SD.Next's modules/prompt_parser.py imports its modules.shared and "
+                    "compel, so it loads only inside SD.Next (test_webui_api.py sends OMS prompts in that syntax "
+                    "instead)")
+            else:
+                results.append({"phase": "WebUI source", **run_pytest(
+                    [SOURCE_TESTS], {**os.environ, "SD_WEBUI_DIR": str(folder)}, work / "logs" / "source.junit.xml")})
         if not args.no_first_use:
             results.append(first_use(folder, python, kind, work, checkpoint, hf_home, oms, args.pytest_args))
     after = host.snapshot(folder, skip=(python_prefix(python),))
