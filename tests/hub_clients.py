@@ -2,7 +2,8 @@
 the missing ones (each into its own folder ``.venv-hub/<version>/``, with its own dependencies; nothing else changes).
 
 - 0.17.3: the oldest tested (Sept 2023), the declared lower bound;
-- 0.25.2: this project's test pin (``requirements-test.txt``; in .venv, tested without a folder); reForge pins 0.25.0;
+- 0.25.2: this project's test pin (``requirements-test.txt``, in .venv-test; tested without a folder); reForge:
+  0.25.0;
 - 0.26.2: Forge's pin;
 - 0.36.2: the newest 0.x, which A1111 1.6-1.10 resolves (it pins no huggingface_hub; transformers 4.30.2 needs <1.0);
 - 1.33.0 and 2.4.0: the current 1.x and 2.x (Python >= 3.10; 1.x uses httpx, 2.x httpx2).

@@ -9,7 +9,7 @@ the SDXL "mixclip" module with SDXL's two tokenizers. Both kinds are built here 
 - SD 2.1 ``tokenizer`` and SDXL ``tokenizer_2``: pad token "!" (special, so every "!" becomes id 0);
 - openai/clip-vit-large-patch14 (SD 1.x, SDXL ``tokenizer``): pad token "<|endoftext|>".
 
-Run with transformers 4.30.2 (the WebUI's pin, in .venv):  .venv/bin/python -m tests.make_token_reference
+Run with transformers 4.30.2 (the WebUI's pin, in .venv-test):  .venv-test/bin/python -m tests.make_token_reference
 """
 
 from __future__ import annotations

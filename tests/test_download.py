@@ -1,4 +1,4 @@
-"""lib_oms.download against a fake hub on 127.0.0.1, with the pinned hub client (huggingface_hub in .venv).
+"""lib_oms.download against a fake hub on 127.0.0.1, with the pinned hub client (huggingface_hub in .venv-test).
 
 The other client versions the WebUIs ship are run in subprocesses by tests/test_hub_clients.py.
 """

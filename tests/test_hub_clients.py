@@ -3,7 +3,7 @@ at import), against the fake hub: the fake's fidelity (hf_hub_download, snapshot
 filling an empty folder (first mirror missing, a connection cut mid-file, a corrupt file refused), no network when
 everything is there, and the placement error offline.
 
-The pinned client (.venv) always runs; the others need ``python -m tests.hub_clients`` (see tests/hub_clients.py).
+The pinned client (.venv-test's) always runs; the others need ``python -m tests.hub_clients`` (tests/hub_clients.py).
 """
 
 from __future__ import annotations

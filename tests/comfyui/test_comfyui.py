@@ -20,7 +20,8 @@ is checked to be left as it was.
   opened as a file in ComfyUI's own frontend and run from its Run button; the One More Step node then shows its
   summary in its text box (the pack's web/one_more_step.js), and why it skipped when it does.
   With OMS_SCREENSHOTS_DIR set (as for the WebUI's pictures, tests/webui/test_webui_screenshots.py) it also saves
-  the node showing its summary as <OMS_SCREENSHOTS_KIND, default comfyui>-node-text.png there, for a person to see.
+  the node showing its summary as <OMS_SCREENSHOTS_KIND, default comfyui>-node-text.png there, and the pack's three
+  nodes as <kind>-nodes.png, for a person to see.
 """
 
 from __future__ import annotations
@@ -397,6 +398,34 @@ def save_node_picture(page, node_id: int, path: Path) -> None:
     page.screenshot(path=path, clip=clip)
 
 
+def save_graph_picture(page, path: Path) -> None:
+    """A PNG of the pack's three nodes in the opened workflow (for a person to look at): One More Step noise is added
+    beside One More Step for the picture, its MODEL connected as in use, and taken away again."""
+    page.evaluate("""() => {
+        const graph = window.app.graph, step = graph.getNodeById(3);
+        const noise = window.LiteGraph.createNode("OneMoreStepNoise");
+        graph.add(noise);
+        noise.pos = [step.pos[0], step.pos[1] + step.size[1] + 60];
+        step.connect(0, noise, noise.findInputSlot("model"));
+        graph.getNodeById(2).connect(0, noise, noise.findInputSlot("oms_module"));
+        window.app.canvas.setDirty(true, true);
+        window.omsPictureNode = noise.id; }""")
+    page.wait_for_timeout(500)
+    clip = page.evaluate("""() => {
+        const canvas = window.app.canvas, graph = window.app.graph, margin = 20, title = 30;
+        const nodes = [2, 3, window.omsPictureNode].map(id => graph.getNodeById(id));
+        const left = Math.min(...nodes.map(n => n.pos[0])), top = Math.min(...nodes.map(n => n.pos[1] - title));
+        const right = Math.max(...nodes.map(n => n.pos[0] + n.size[0]));
+        const bottom = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+        const [x, y] = canvas.convertOffsetToCanvas([left, top]), page = canvas.canvas.getBoundingClientRect();
+        return {x: Math.max(0, page.left + x - margin), y: Math.max(0, page.top + y - margin),
+                width: (right - left) * canvas.ds.scale + 2 * margin,
+                height: (bottom - top) * canvas.ds.scale + 2 * margin}; }""")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=path, clip=clip)
+    page.evaluate("() => { const graph = window.app.graph; graph.remove(graph.getNodeById(window.omsPictureNode)); }")
+
+
 @pytest.fixture(scope="module")
 def frontend(server):
     """ComfyUI's frontend in a browser with docs/comfyui_workflow_api.json opened as a user opens a file; page.errors
@@ -434,8 +463,10 @@ def test_browser_the_documented_workflow_opens_and_runs_with_the_nodes_text_in_t
     browser.expect(box).to_have_value(re.compile(rf"^One More Step: module {MODULE_NAME} \[.*'{PROMPT}'"))
     assert box.evaluate("box => box.readOnly")
     if os.environ.get("OMS_SCREENSHOTS_DIR"):
-        save_node_picture(page, 3, Path(os.environ["OMS_SCREENSHOTS_DIR"])
-                          / f"{os.environ.get('OMS_SCREENSHOTS_KIND', 'comfyui')}-node-text.png")
+        pictures = Path(os.environ["OMS_SCREENSHOTS_DIR"])
+        kind = os.environ.get("OMS_SCREENSHOTS_KIND", "comfyui")
+        save_node_picture(page, 3, pictures / f"{kind}-node-text.png")
+        save_graph_picture(page, pictures / f"{kind}-nodes.png")
     assert not page.errors, f"the pack's script failed in the page: {page.errors}"
 
 

@@ -20,7 +20,7 @@ import pytest
 import webui_api as api
 from PIL import Image
 from test_webui_browser import UI_TIMEOUT_MS, control, open_accordion, tick
-from test_webui_xyz_samplers import xyz_cells
+from test_webui_xyz_samplers import XYZ_SCRIPT, xyz_axis_index, xyz_script_args
 
 FOLDER = os.environ.get("OMS_SCREENSHOTS_DIR", "")
 KIND = os.environ.get("OMS_SCREENSHOTS_KIND", "webui")
@@ -68,7 +68,11 @@ def test_screenshot_of_the_settings(page):
 
 
 def test_screenshot_of_an_xyz_grid_over_oms_cfg(generate, script_info):
-    plot = xyz_cells(generate, script_info, {"enabled": True}, api.AXIS_CFG, "1, 1.5, 2, 3")
+    """The grid with its legend, as a user makes it (the test checkpoint's random weights draw noise, not a scene)."""
+    args = xyz_script_args(script_info, xyz_axis_index(script_info, api.AXIS_CFG), "1, 1.5, 2, 3",
+                           options={"Draw legend": True})
+    plot = generate(api.payload({"enabled": True, "prompt": "night, very dark"}, script_name=XYZ_SCRIPT,
+                                script_args=args, width=128, height=128))
     grid = Image.fromarray(plot.all_images[0])  # the grid comes first
-    path = saved(grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST), "xyz-cfg")
+    path = saved(grid, "xyz-cfg")
     assert path.stat().st_size <= MAX_BYTES

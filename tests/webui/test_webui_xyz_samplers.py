@@ -22,12 +22,14 @@ XYZ_OPTIONS = {"Draw legend": False, "Include Sub Images": True, "Include Sub Gr
 
 
 def xyz_script_args(script_info, x_type: int, x_values: str = "", x_dropdown: list | None = None, y_type: int = 0,
-                    y_values: str = "") -> list:
-    """The plot's positional args: X, optionally Y (Z "Nothing"), then its options at XYZ_OPTIONS or their defaults.
-    Built from the plot's own argument list, whose length differs (A1111 1.10: 19, reForge: 21: more grid options)."""
+                    y_values: str = "", options: dict | None = None) -> list:
+    """The plot's positional args: X, optionally Y (Z "Nothing"), then its options at XYZ_OPTIONS (updated by
+    ``options``) or their defaults. Built from the plot's own argument list, whose length differs (A1111 1.10: 19,
+    reForge: 21: more grid options)."""
     entry = next(s for s in script_info if s["name"] == XYZ_SCRIPT and not s["is_img2img"])
     args = [x_type, x_values, x_dropdown or [], y_type, y_values, [], 0, "", []]
-    return args + [XYZ_OPTIONS.get(arg["label"], arg.get("value")) for arg in entry["args"][len(args):]]
+    chosen = {**XYZ_OPTIONS, **(options or {})}
+    return args + [chosen.get(arg["label"], arg.get("value")) for arg in entry["args"][len(args):]]
 
 
 def xyz_cells(generate, script_info, oms_args, x_axis: str, x_values: str = "", x_dropdown=None,

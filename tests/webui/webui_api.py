@@ -194,6 +194,11 @@ def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
+def changed_pixels(a: np.ndarray, b: np.ndarray) -> int:
+    """How many pixels differ in any channel."""
+    return int((a != b).any(axis=-1).sum())
+
+
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 

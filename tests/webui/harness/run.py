@@ -1,12 +1,12 @@
 """Runs tests/webui against a WebUI that is already installed, without touching anything of its user's.
 
-    .venv/bin/python tests/webui/harness/run.py --webui ~/stable-diffusion-webui [--python PY] [--work DIR]
+    .venv-test/bin/python tests/webui/harness/run.py --webui ~/stable-diffusion-webui [--python PY] [--work DIR]
                                                 [--checkpoint FILE] [--all] [--no-first-use] [--beside FOLDER]
                                                 [-- PYTEST_ARGS]
 
-Run it with the repository's test environment (.venv, made by the README's test command). ``--python`` is the Python
-the WebUI runs with (default: its ``venv/bin/python``); it needs the extension's requirements (requirements.txt), which
-the extension's install.py installs on a normal start. The runner
+Run it with the repository's test environment (.venv-test, made by the README's test command). ``--python`` is the
+Python the WebUI runs with (default: its ``venv/bin/python``); it needs the extension's requirements
+(requirements.txt), which the extension's install.py installs on a normal start. The runner
 
 1. recognises the WebUI (A1111 1.6–1.10, Forge, reForge, Forge Classic, Forge Neo, SD.Next) from the flags it defines
    and the folders it has (host.py);
