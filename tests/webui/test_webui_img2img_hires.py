@@ -74,7 +74,11 @@ def test_img2img_that_keeps_the_input_is_skipped_and_untouched(server, case, fie
     assert "OMS skipped" in params and params["OMS skipped"], params
     assert "OMS" not in params
     if not api.same_pixels(on.images[0], off.images[0]):
-        again = img2img(None, **fields)  # is the WebUI itself repeatable here?
+        # Forge Classic and Forge Neo make a plain img2img right after an inpainting differently from the same
+        # request made again (measured without this extension): the skipped image must then be that repeat's.
+        again = img2img(None, **fields)
+        if api.same_pixels(on.images[0], again.images[0]):
+            return
         pytest.fail(f"the skipped request differs from the one without OMS by up to "
                     f"{api.max_abs_diff(on.images[0], off.images[0])} grey levels in "
                     f"{api.changed_pixels(on.images[0], off.images[0])} pixels; the request without OMS, made again, "
@@ -84,26 +88,28 @@ def test_img2img_that_keeps_the_input_is_skipped_and_untouched(server, case, fie
 
 def hires_upscaler() -> str:
     """An upscaler the WebUI lists that needs no model file: its first latent mode ("Latent" on A1111 and Forge
-    Classic), else the first of /sdapi/v1/upscalers without a model file other than "None" (Forge Neo lists no latent
-    mode; it has "Lanczos" and "Nearest")."""
+    Classic), else the first of /sdapi/v1/upscalers without a model file, "None" last (it resizes the image plainly;
+    Forge Neo 5692d2d lists no latent mode and only "None" and ESRGAN, whose model is downloaded)."""
     modes = api.get("/sdapi/v1/latent-upscale-modes")
     assert modes.status == 200, modes.text[:300]
     if modes.body:
         return modes.body[0]["name"]
     upscalers = api.get("/sdapi/v1/upscalers")
     assert upscalers.status == 200, upscalers.text[:300]
-    plain = [u["name"] for u in upscalers.body if not u.get("model_path") and u["name"] != "None"]
+    plain = sorted((u["name"] for u in upscalers.body if not u.get("model_path")), key=lambda name: name == "None")
     assert plain, f"the WebUI lists no upscaler that needs no model file: {upscalers.text[:500]}"
     return plain[0]
 
 
 def test_hires_fix_corrects_only_the_first_pass(generate, baseline):
-    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": hires_upscaler(), "hr_second_pass_steps": 1,
-             "denoising_strength": 0.5}
+    # hr_additional_modules: the Forge family's own field; Forge Neo 5692d2d's API leaves it None, which its hires pass
+    # cannot read (TypeError). The other WebUIs' APIs ignore a field they do not have.
+    hires = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": hires_upscaler(), "hr_second_pass_steps": 1,
+             "denoising_strength": 0.5, "hr_additional_modules": ["Use same choices"]}
     off = generate(api.payload(**hires))
     on = generate(api.payload({"enabled": True}, **hires))
     params = on.params()
     assert params["OMS"] == "True"
     assert "hires" in params.get("OMS first pass only", "").lower(), params  # the untouched second pass is said
-    assert on.images[0].shape == (96, 96, 3)
+    assert on.images[0].shape == (128, 128, 3)
     assert api.mean_abs_diff(on.images[0], off.images[0]) > 1.0
