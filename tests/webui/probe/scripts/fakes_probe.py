@@ -12,7 +12,6 @@ Only reads: it imports no module the WebUI has not imported, changes no setting 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import inspect
 import json
 import os
@@ -57,19 +56,14 @@ def public(obj) -> list[str]:
     return sorted(name for name in names if not name.startswith("_"))
 
 
-def present(name: str) -> bool:
-    if name in sys.modules:
-        return True
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def modules_facts() -> dict:
+    # One More Step's own check, so the record says what the extension sees; imported here, not at the top: the
+    # WebUI puts the extension's folder on sys.path only when it loads the extension, after this probe.
+    from oms_webui.environment import has_module
+
     loaded = {name: module for name, module in list(sys.modules.items())
               if module is not None and (name == "modules" or name.startswith("modules."))}
-    return {"present": {name: present(name) for name in ASKED_MODULES},
+    return {"present": {name: has_module(name) for name in ASKED_MODULES},
             "names": {name: public(module) for name, module in sorted(loaded.items())}}
 
 
