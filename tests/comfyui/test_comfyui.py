@@ -385,15 +385,18 @@ def node_text(page, node_id: int):
     return box
 
 
-def save_node_picture(page, node_id: int, path: Path) -> None:
-    """A PNG of the node as it is drawn (for a person to look at), with a margin of canvas around it."""
-    clip = page.evaluate("""id => {
-        const canvas = window.app.canvas, node = window.app.graph.getNodeById(id);
-        const [x, y, width, height] = node.boundingRect, [left, top] = canvas.convertOffsetToCanvas([x, y]);
-        const page = canvas.canvas.getBoundingClientRect(), margin = 20;
-        return {x: page.left + left - margin, y: page.top + top - margin,
-                width: width * canvas.ds.scale + 2 * margin, height: height * canvas.ds.scale + 2 * margin}; }""",
-                         node_id)
+def save_nodes_picture(page, node_ids: list[int], path: Path) -> None:
+    """A PNG of the nodes as they are drawn (for a person to look at), with a margin of canvas around them."""
+    clip = page.evaluate("""ids => {
+        const canvas = window.app.canvas, page = canvas.canvas.getBoundingClientRect(), margin = 20;
+        const rects = ids.map(id => window.app.graph.getNodeById(id).boundingRect);
+        const left = Math.min(...rects.map(([x]) => x)), top = Math.min(...rects.map(([, y]) => y));
+        const right = Math.max(...rects.map(([x, , width]) => x + width));
+        const bottom = Math.max(...rects.map(([, y, , height]) => y + height));
+        const [x, y] = canvas.convertOffsetToCanvas([left, top]);
+        return {x: Math.max(0, page.left + x - margin), y: Math.max(0, page.top + y - margin),
+                width: (right - left) * canvas.ds.scale + 2 * margin,
+                height: (bottom - top) * canvas.ds.scale + 2 * margin}; }""", node_ids)
     path.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=path, clip=clip)
 
@@ -401,7 +404,7 @@ def save_node_picture(page, node_id: int, path: Path) -> None:
 def save_graph_picture(page, path: Path) -> None:
     """A PNG of the pack's three nodes in the opened workflow (for a person to look at): One More Step noise is added
     beside One More Step for the picture, its MODEL connected as in use, and taken away again."""
-    page.evaluate("""() => {
+    noise_id = page.evaluate("""() => {
         const graph = window.app.graph, step = graph.getNodeById(3);
         const noise = window.LiteGraph.createNode("OneMoreStepNoise");
         graph.add(noise);
@@ -409,21 +412,10 @@ def save_graph_picture(page, path: Path) -> None:
         step.connect(0, noise, noise.findInputSlot("model"));
         graph.getNodeById(2).connect(0, noise, noise.findInputSlot("oms_module"));
         window.app.canvas.setDirty(true, true);
-        window.omsPictureNode = noise.id; }""")
-    page.wait_for_timeout(500)
-    clip = page.evaluate("""() => {
-        const canvas = window.app.canvas, graph = window.app.graph, margin = 20, title = 30;
-        const nodes = [2, 3, window.omsPictureNode].map(id => graph.getNodeById(id));
-        const left = Math.min(...nodes.map(n => n.pos[0])), top = Math.min(...nodes.map(n => n.pos[1] - title));
-        const right = Math.max(...nodes.map(n => n.pos[0] + n.size[0]));
-        const bottom = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
-        const [x, y] = canvas.convertOffsetToCanvas([left, top]), page = canvas.canvas.getBoundingClientRect();
-        return {x: Math.max(0, page.left + x - margin), y: Math.max(0, page.top + y - margin),
-                width: (right - left) * canvas.ds.scale + 2 * margin,
-                height: (bottom - top) * canvas.ds.scale + 2 * margin}; }""")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=path, clip=clip)
-    page.evaluate("() => { const graph = window.app.graph; graph.remove(graph.getNodeById(window.omsPictureNode)); }")
+        return noise.id; }""")
+    page.wait_for_timeout(500)  # the canvas draws the new node at its next frame
+    save_nodes_picture(page, [2, 3, noise_id], path)
+    page.evaluate("id => window.app.graph.remove(window.app.graph.getNodeById(id))", noise_id)
 
 
 @pytest.fixture(scope="module")
@@ -465,7 +457,7 @@ def test_browser_the_documented_workflow_opens_and_runs_with_the_nodes_text_in_t
     if os.environ.get("OMS_SCREENSHOTS_DIR"):
         pictures = Path(os.environ["OMS_SCREENSHOTS_DIR"])
         kind = os.environ.get("OMS_SCREENSHOTS_KIND", "comfyui")
-        save_node_picture(page, 3, pictures / f"{kind}-node-text.png")
+        save_nodes_picture(page, [3], pictures / f"{kind}-node-text.png")
         save_graph_picture(page, pictures / f"{kind}-nodes.png")
     assert not page.errors, f"the pack's script failed in the page: {page.errors}"
 
